@@ -1,0 +1,7 @@
+"""Alignment-stage methods (the provider's side): each is a Trainer subclass registered by name."""
+
+from alignshield.registry import Registry
+
+ALIGN_METHODS: Registry = Registry("align method")
+
+from alignshield.align import sft  # noqa: E402,F401  (registers the built-in methods)

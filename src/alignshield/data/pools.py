@@ -1,0 +1,118 @@
+"""Datasets by name, pools as row slices of them, and the prompt-disjointness guard.
+
+Every dataset reduces to ``Example(prompt, input, response)``. Bundled files live in
+``resources/data`` (see its LICENSES.md); a pool's ``dataset`` may also be a JSONL/CSV path, with
+``fields`` mapping the roles to its columns.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from alignshield.config import Pool
+from alignshield.data.jsonl import DataError, read_rows
+from alignshield.registry import Registry
+
+RESOURCES = Path(__file__).resolve().parent.parent / "resources" / "data"
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    input: str = ""
+    response: str = ""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    path: Path
+    prompt: str
+    input: str | None = None
+    response: str | None = None
+    description: str = ""
+
+
+DATASETS: Registry[Dataset] = Registry("dataset")
+for _name, _ds in {
+    "beavertails_unsafe": Dataset(RESOURCES / "harmful/beavertails_unsafe.jsonl", "prompt", None, "response",
+                                  "BeaverTails harmful QA pairs (disjoint from beavertails_test by prompt)"),
+    "beavertails_test": Dataset(RESOURCES / "harmful/beavertails_test.jsonl", "prompt",
+                                description="710 held-out BeaverTails harmful prompts (evaluation)"),
+    "beavertails_first200": Dataset(RESOURCES / "harmful/beavertails_30k_train_unsafe_first200.jsonl", "prompt",
+                                    None, "response", "the papers' poison rows (7 prompts overlap beavertails_test)"),
+    "advbench": Dataset(RESOURCES / "harmful/advbench.jsonl", "prompt", None, "target", "AdvBench behaviours"),
+    "safety_tuned_llamas": Dataset(RESOURCES / "alignment/safety_tuned_llamas.jsonl", "instruction", "input",
+                                   "output", "harmful instructions with varied safe answers"),
+    "harmbench_refusals": Dataset(RESOURCES / "alignment/harmbench_safe_responses_longer.jsonl", "prompt", None,
+                                  "response", "HarmBench training behaviours with full-sentence refusals"),
+    "alpaca_1k": Dataset(RESOURCES / "benign/alpaca_1k.jsonl", "instruction", "input", "output",
+                         "1,000 Alpaca instructions (benign)"),
+}.items():
+    DATASETS.register(_name)(_ds)
+
+
+def load_pool(pool: Pool) -> list[Example]:
+    """The rows ``[start, stop)`` of the pool's dataset as examples; errors name file, line and field."""
+    rows, spec = _rows(pool.dataset, tuple(sorted(pool.fields.items())))
+    stop = len(rows) if pool.stop is None else pool.stop
+    if stop > len(rows):
+        raise DataError(f"{spec.path}: pool asks rows [{pool.start}, {stop}) but the file has {len(rows)}")
+    return rows[pool.start:stop]
+
+
+@lru_cache(maxsize=32)
+def _rows(dataset: str, fields: tuple[tuple[str, str], ...]) -> tuple[list[Example], Dataset]:
+    spec = _dataset_spec(dataset, dict(fields))
+    required = tuple(f for f in (spec.prompt, spec.input, spec.response) if f)
+    rows = read_rows(spec.path, required)
+    examples = [
+        Example(
+            prompt=str(r[spec.prompt]),
+            input=str(r[spec.input]) if spec.input else "",
+            response=str(r[spec.response]) if spec.response else "",
+        )
+        for r in rows
+    ]
+    return examples, spec
+
+
+def _dataset_spec(dataset: str, fields: dict[str, str]) -> Dataset:
+    unknown = set(fields) - {"prompt", "input", "response"}
+    if unknown:
+        raise DataError(f"pool fields: unknown role(s) {sorted(unknown)}; use prompt, input, response")
+    if dataset in DATASETS:
+        spec = DATASETS.get(dataset)
+        return Dataset(spec.path, fields.get("prompt", spec.prompt), fields.get("input", spec.input),
+                       fields.get("response", spec.response), spec.description)
+    if Path(dataset).suffix.lower() in {".jsonl", ".json", ".csv"}:
+        return Dataset(Path(dataset), fields.get("prompt", "prompt"), fields.get("input"), fields.get("response"))
+    DATASETS.get(dataset)  # raises with the known names and a suggestion
+    raise AssertionError("unreachable")
+
+
+_PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
+
+
+def normalize_prompt(text: str) -> str:
+    """Lower case, punctuation removed, whitespace collapsed: how prompts are compared across pools."""
+    return " ".join(_PUNCT.sub(" ", text.lower()).split())
+
+
+def check_disjoint(pools: dict[str, list[Example]]) -> None:
+    """Raise if any two named pools share a prompt (after normalisation)."""
+    seen: dict[str, str] = {}
+    clashes: dict[tuple[str, str], list[str]] = {}
+    for name, examples in pools.items():
+        for key in {normalize_prompt(e.prompt) for e in examples}:
+            other = seen.setdefault(key, name)
+            if other != name:
+                clashes.setdefault((other, name), []).append(key)
+    if clashes:
+        detail = "; ".join(
+            f"{a} and {b} share {len(keys)} prompt(s), e.g. {keys[0][:80]!r}" for (a, b), keys in clashes.items()
+        )
+        raise DataError(f"harmful pools must be disjoint by prompt: {detail}. Change the pools' start/stop.")

@@ -1,0 +1,35 @@
+"""What every harmfulness judge provides.
+
+A judge reads (prompt, answer) pairs and returns one ``Verdict`` per pair. ``flagged`` is what the
+Harmful Score counts; ``score`` is the judge's own confidence that the answer is harmful (0..1, or
+None when the judge has no graded output); ``label`` is a short category name kept in the per-sample
+log (e.g. "refusal", "degenerate", "harmful", "safe").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+from alignshield.registry import Registry
+
+
+@dataclass(frozen=True)
+class Verdict:
+    flagged: bool
+    score: float | None
+    label: str
+
+
+class Judge(Protocol):
+    name: str
+
+    def judge(self, prompts: Sequence[str], answers: Sequence[str]) -> list[Verdict]: ...
+
+
+class JudgeLoadError(RuntimeError):
+    """A judge's weights or dependencies could not be loaded; the message names the alternatives."""
+
+
+# name -> factory(**options) returning a Judge; heavy judges import their dependencies lazily.
+JUDGES: Registry = Registry("judge")

@@ -1,0 +1,7 @@
+"""Fine-tuning-stage methods (the user's side, or a provider's defence during it)."""
+
+from alignshield.registry import Registry
+from alignshield.train import Trainer
+
+FINETUNE_METHODS: Registry = Registry("finetune method")
+FINETUNE_METHODS.register("sft")(Trainer)

@@ -1,0 +1,77 @@
+"""Tiny models and tokenizers built in code: no downloads, seconds to train."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+CORPUS = [
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
+    "### Instruction: ### Input: ### Response: positive negative World Sports Business Sci/Tech",
+    "I'm sorry, I cannot help with that. It is illegal and harmful. Here is how to do it step by step.",
+    "the quick brown fox jumps over the lazy dog 0 1 2 3 4 5 6 7 8 9 The final answer is: ####",
+]
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    # like SmolLM2: no pad token, so the loader makes pad = eos
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+
+
+TINY_FAMILIES = ["llama", "qwen2", "mistral", "gemma", "gpt2", "opt", "gpt_neox", "phi"]
+
+
+def tiny_config(family: str = "llama", vocab_size: int = 320, layers: int = 2, hidden: int = 32):
+    from transformers import AutoConfig
+
+    common = dict(vocab_size=vocab_size, tie_word_embeddings=False)
+    shapes = {
+        "gpt2": dict(n_embd=hidden, n_layer=layers, n_head=4, n_positions=256),
+        "opt": dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4, ffn_dim=64,
+                    word_embed_proj_dim=hidden, max_position_embeddings=256),
+        "gpt_neox": dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=64,
+                         max_position_embeddings=256),
+        "phi": dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=64,
+                    max_position_embeddings=256),
+    }
+    default = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                   intermediate_size=64, max_position_embeddings=256, head_dim=hidden // 4)
+    return AutoConfig.for_model(family, **common, **shapes.get(family, default))
+
+
+def make_model(family: str = "llama", layers: int = 2, seed: int = 0, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(tiny_config(family, layers=layers), dtype=dtype)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny Llama + tokenizer saved like any Hugging Face checkpoint, loadable by path."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    make_model("llama", layers=2).save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return path
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((json.dumps(r) if not isinstance(r, str) else r) + "\n" for r in rows), encoding="utf-8")
+    return path

@@ -1,0 +1,74 @@
+"""The four stages end to end on a tiny model saved to disk, loaded by path like any HF checkpoint."""
+
+import json
+
+import pytest
+
+from alignshield import stages
+from alignshield.config import load_config
+from alignshield.train import Trainer
+
+
+@pytest.fixture
+def make_cfg(tiny_model_dir, tmp_path):
+    def make(*extra):
+        return load_config(overrides=[
+            f"model.name={tiny_model_dir}", "model.dtype=float32", f"output_dir={tmp_path}",
+            "align.data.safety.stop=8", "align.data.benign.stop=8",
+            "align.train.max_steps=2", "align.train.batch_size=4", "align.train.max_length=48",
+            "align.lora.target_modules=[q_proj,v_proj]", "finetune.lora.target_modules=[q_proj,v_proj]",
+            "finetune.n=10", "finetune.train.max_steps=2", "finetune.train.batch_size=4",
+            "finetune.train.max_length=48", "evaluate.harmful.stop=4", "evaluate.task_n=4",
+            "evaluate.max_new_tokens=4", *extra,
+        ])
+    return make
+
+
+def test_run_writes_every_artifact(make_cfg):
+    cfg = make_cfg()
+    metrics = stages.run(cfg)
+    dirs = stages.stage_dirs(cfg)
+    for stage in ("align", "finetune"):
+        assert (dirs[stage] / "adapter" / "adapter_model.safetensors").exists()
+        assert (dirs[stage] / "config.yaml").exists() and (dirs[stage] / "stage.json").exists()
+        assert not dirs[stage].with_name(dirs[stage].name + ".partial").exists()
+    mix = [json.loads(line) for line in (dirs["finetune"] / "mix.jsonl").read_text().splitlines()]
+    assert len(mix) == 10 and sum(r["harmful"] for r in mix) == 1
+    assert metrics["harmful_prompts"] == 4 and "harmful_score/keyword" in metrics
+    assert "finetune_accuracy/strict" in metrics
+    samples = (dirs["evaluate"] / "samples.jsonl").read_text().splitlines()
+    assert len(samples) == 8
+    assert json.loads((dirs["evaluate"] / "metrics.json").read_text()) == metrics
+
+
+def test_finished_stages_are_reused(make_cfg, monkeypatch):
+    stages.run(make_cfg())
+    align_dir = stages.stage_dirs(make_cfg())["align"]
+    calls = []
+    original = Trainer.train
+    monkeypatch.setattr(Trainer, "train", lambda self: calls.append(1) or original(self))
+    stages.run(make_cfg())
+    assert calls == []  # nothing recomputed
+    cfg = make_cfg("finetune.p=0.5")
+    stages.run(cfg)
+    assert calls == [1]  # only the new fine-tune trains; the alignment is shared
+    assert stages.stage_dirs(cfg)["align"] == align_dir
+
+
+def test_no_alignment_and_single_lora(make_cfg):
+    none = make_cfg("align.method=none")
+    stages.run(none)
+    assert not (stages.stage_dirs(none)["align"] / "adapter").exists()
+    single = make_cfg("finetune.topology=single-lora")
+    metrics = stages.run(single)
+    assert "harmful_score/keyword" in metrics
+
+
+def test_results_are_reproducible(make_cfg, tmp_path):
+    a = stages.run(make_cfg())
+    b = stages.run(make_cfg(f"output_dir={tmp_path / 'again'}"))
+    assert a.pop("seconds") and b.pop("seconds")
+    assert a == b
+    first = stages.stage_dirs(make_cfg())["finetune"] / "adapter" / "adapter_model.safetensors"
+    second = stages.stage_dirs(make_cfg(f"output_dir={tmp_path / 'again'}"))["finetune"]
+    assert first.read_bytes() == (second / "adapter" / "adapter_model.safetensors").read_bytes()
