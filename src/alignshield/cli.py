@@ -25,7 +25,9 @@ OverridesArg = typer.Argument(None, help="Dotted overrides, e.g. finetune.p=0.2 
 def _config(config: list[Path] | None, preset: str | None, quick: bool, overrides: list[str] | None) -> RunConfig:
     if quick and preset:
         raise ConfigError("--quick and --preset are exclusive (--quick is --preset quick)")
-    return load_config(config or [], overrides or [], preset="quick" if quick else preset)
+    from alignshield.stages import resolve
+
+    return resolve(load_config(config or [], overrides or [], preset="quick" if quick else preset))
 
 
 def _guarded(action: Callable[[], None]) -> None:

@@ -29,7 +29,18 @@ log = logging.getLogger(__name__)
 STAGES = ("align", "finetune", "repair", "evaluate")
 
 
+def resolve(cfg: RunConfig) -> RunConfig:
+    """The config with every method's parameters spelled out, defaults included: what is hashed,
+    saved next to each output and printed, so equal settings always map to the same folder."""
+    cfg = cfg.model_copy(deep=True)
+    for stage, registry in (("align", ALIGN_METHODS), ("finetune", FINETUNE_METHODS), ("repair", REPAIR_METHODS)):
+        section = getattr(cfg, stage)
+        section.params = section.resolved_params(registry).model_dump(mode="json")
+    return cfg
+
+
 def stage_dirs(cfg: RunConfig) -> dict[str, Path]:
+    cfg = resolve(cfg)
     root = Path(cfg.output_dir)
     common = {"seed": cfg.seed, "template": cfg.template, "model": cfg.model.model_dump(mode="json")}
     a = stable_hash(common, cfg.align.model_dump(mode="json"))
@@ -69,6 +80,7 @@ def align(cfg: RunConfig) -> Path:
     out = stage_dirs(cfg)["align"]
     if out.exists():
         return out
+    cfg = resolve(cfg)
     validate(cfg)
     method = ALIGN_METHODS.get(cfg.align.method)
     params = cfg.align.resolved_params(ALIGN_METHODS)
@@ -93,6 +105,7 @@ def finetune(cfg: RunConfig) -> Path:
     out = stage_dirs(cfg)["finetune"]
     if out.exists():
         return out
+    cfg = resolve(cfg)
     validate(cfg)
     ft = cfg.finetune
     method = FINETUNE_METHODS.get(ft.method)
@@ -124,6 +137,7 @@ def repair(cfg: RunConfig) -> Path:
     out = stage_dirs(cfg)["repair"]
     if out.exists():
         return out
+    cfg = resolve(cfg)
     validate(cfg)
     params = cfg.repair.resolved_params(REPAIR_METHODS)
     with atomic_dir(out) as work:
@@ -146,6 +160,7 @@ def evaluate(cfg: RunConfig) -> dict[str, Any]:
     dirs = stage_dirs(cfg)
     out = dirs["evaluate"]
     if not out.exists():
+        cfg = resolve(cfg)
         validate(cfg)
         with atomic_dir(out) as work:
             base, tokenizer = _aligned_base(cfg)
@@ -198,7 +213,7 @@ def _train(method, model, train_set, cfg: RunConfig, stage: str, params, work: P
            extra: dict[str, list[Tokenized]]) -> dict[str, Any]:
     settings = getattr(cfg, stage).train
     trainer = method(model, train_set, settings, params, seed=cfg.seed, workdir=work,
-                     pad_token_id=tokenizer.pad_token_id, extra_data=extra)
+                     pad_token_id=tokenizer.pad_token_id, extra_data=extra, model_config=cfg.model)
     report = trainer.train()
     if trainer.accelerator.is_main_process:
         trainer.unwrapped_model().save_pretrained(work / ADAPTER_DIR)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from alignshield.config import MethodParams, TrainSettings
+from alignshield.config import MethodParams, ModelConfig, TrainSettings
 from alignshield.data.collate import PadCollator, Tokenized
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,7 @@ class Trainer:
         workdir: Path,
         pad_token_id: int,
         extra_data: dict[str, list[Tokenized]] | None = None,
+        model_config: ModelConfig | None = None,
         progress: bool = True,
     ):
         from accelerate import Accelerator
@@ -72,11 +73,14 @@ class Trainer:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.extra_data = extra_data or {}
+        self.model_config = model_config or ModelConfig()
         self.collate = PadCollator(pad_token_id)
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         self.progress = progress and self.accelerator.is_main_process
         self.sampler = EpochSampler(len(train_set), seed)
         loader = DataLoader(train_set, batch_size=args.batch_size, sampler=self.sampler, collate_fn=self.collate)
+        # names fixed now: methods may freeze some of them for a while (T-Vaccine), checkpoints keep all
+        self.trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         if not self.trainable:
             raise ValueError("the model has no trainable parameters (is a LoRA adapter attached?)")
@@ -174,7 +178,8 @@ class Trainer:
     # ------------------------------------------------------------ checkpoints
 
     def _trainable_state(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().cpu().clone() for n, p in self.unwrapped_model().named_parameters() if p.requires_grad}
+        params = dict(self.unwrapped_model().named_parameters())
+        return {n: params[n].detach().cpu().clone() for n in self.trainable_names}
 
     def _save_checkpoint(self) -> None:
         if not self.accelerator.is_main_process:

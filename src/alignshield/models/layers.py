@@ -8,7 +8,9 @@ the config's layer count, then the attention child of each block), can be overri
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -106,3 +108,26 @@ def attention_output(output) -> torch.Tensor:
 
 def replace_attention_output(output, tensor: torch.Tensor):
     return (tensor, *output[1:]) if isinstance(output, tuple) else tensor
+
+
+@contextmanager
+def add_to_attention_outputs(attentions: list[nn.Module], delta: Callable[[int, torch.Tensor], torch.Tensor]):
+    """Inside the block, the output hidden states h of ``attentions[i]`` become h + delta(i, h).
+
+    Forward hooks (not forked modeling code, not the deprecated module backward hooks), so any
+    architecture whose attention block returns a tensor or a tuple led by one works.
+    """
+
+    def hook_for(i: int):
+        def hook(module, args, output):
+            h = attention_output(output)
+            return replace_attention_output(output, h + delta(i, h))
+
+        return hook
+
+    handles = [module.register_forward_hook(hook_for(i)) for i, module in enumerate(attentions)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
