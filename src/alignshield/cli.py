@@ -140,5 +140,137 @@ def list_names() -> None:
     Console().print(table)
 
 
+# ------------------------------------------------------------------ experiments: sweep, results, report
+
+OutputDirOpt = typer.Option(Path("runs"), "--output-dir", "-o", help="The sweep's output_dir (holds results.sqlite).")
+
+
+@app.command("sweep")
+def sweep_command(
+    grid: str = typer.Argument(
+        ..., help="A grid file, or a shipped grid: smoke, embedded-main, paper-p, stress, alpha."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="Dotted overrides of the grid's base config."),
+    config: Optional[list[Path]] = ConfigOpt,
+    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="Replace the grid's base preset."),
+    quick: bool = QuickOpt,
+    dry_run: bool = typer.Option(False, "--dry-run", help="List the runs and which stages are done; compute nothing."),
+    keep_going: bool = typer.Option(
+        False, "--keep-going", help="Report a failed run and go on with the others (exit code 1 at the end)."),
+) -> None:
+    """Run every point of a grid (cartesian product + zipped axes); stages are shared, finished work reused."""
+    from alignshield.experiments import sweep as sw
+
+    def act() -> None:
+        if quick and preset:
+            raise ConfigError("--quick and --preset are exclusive (--quick is --preset quick)")
+        plan = sw.load_sweep(grid, preset="quick" if quick else preset, files=config or [], overrides=overrides or [])
+        console.print(f"sweep {plan.name}: {len(plan.runs)} runs in {plan.output_dir}"
+                      + (f" ({len(plan.duplicates)} duplicate grid points merged)" if plan.duplicates else ""))
+        if dry_run:
+            sw.validate(plan)
+            _print_plan(plan, sw.status(plan))
+            return
+        try:
+            outcome = sw.run_sweep(plan, keep_going=keep_going, echo=console.print)
+        except sw.SweepError as err:
+            raise ConfigError(str(err)) from None
+        console.print(f"sweep {plan.name}: {len(outcome.computed)} computed, {len(outcome.cached)} already done, "
+                      f"{len(outcome.failed)} failed, {outcome.seconds:.0f} s; results in "
+                      f"{plan.output_dir / 'results.sqlite'} (alignshield results -o {plan.output_dir})")
+        if outcome.failed:
+            for key, err in outcome.failed:
+                console.print(f"[red]failed[/] {key}: {err}")
+            raise typer.Exit(1)
+
+    _guarded(act)
+
+
+def _wide_console() -> Console:
+    """stdout; as wide as needed when it is a pipe or a log (rich would wrap tables at 80 columns)."""
+    return Console() if sys.stdout.isatty() else Console(width=240)
+
+
+def _print_plan(plan, status: list[dict]) -> None:
+    table = Table(show_header=True)
+    for col in ["#", *plan.swept_fields, "run", "align", "finetune", "repair", "evaluate", "in db"]:
+        table.add_column(col)
+    for row in status:
+        table.add_row(str(row["position"]), *(str(row["swept"].get(f, "")) for f in plan.swept_fields), row["key"],
+                      *(row["stages"][s] for s in ("align", "finetune", "repair", "evaluate")),
+                      "yes" if row["recorded"] else "no")
+    _wide_console().print(table)
+
+
+@app.command("results")
+def results_command(
+    output_dir: Path = OutputDirOpt,
+    sweep: Optional[str] = typer.Option(None, "--sweep", "-s", help="Only this sweep's runs (default: every run)."),
+    filters: Optional[list[str]] = typer.Option(
+        None, "--filter", "-f", help="field=value, e.g. align.method=vaccine; repeatable."),
+    group_by: Optional[str] = typer.Option(
+        None, "--group-by", "-g", help="Comma-separated fields (default: the swept fields but seed)."),
+    metric: Optional[str] = typer.Option(
+        None, "--metric", "-m",
+        help="Comma-separated metric names or globs (default: harmful_score/*,finetune_accuracy/*)."),
+    csv_path: Optional[Path] = typer.Option(None, "--csv", help="Also write the table as CSV (mean and std columns)."),
+) -> None:
+    """Mean ± std over seeds per group, from <output-dir>/results.sqlite."""
+    from alignshield.experiments import report as rp
+    from alignshield.experiments.store import ResultStore, StoreError
+
+    def act() -> None:
+        try:
+            with ResultStore.in_dir(output_dir, readonly=True) as store:
+                runs = rp.select(store.runs(sweep), filters or [])
+        except (StoreError, rp.ReportError) as err:
+            raise ConfigError(str(err)) from None
+        if not runs:
+            raise ConfigError("no run matches" + (f" {', '.join(filters)}" if filters else ""))
+        fields = [f.strip() for f in group_by.split(",") if f.strip()] if group_by else rp.swept_fields(runs)
+        metrics = rp.metric_names(runs, [m.strip() for m in metric.split(",")] if metric else None)
+        groups = rp.aggregate(runs, fields, metrics)
+        header, rows = rp.results_table(groups, fields, metrics)
+        table = Table(show_header=True, title=f"{len(runs)} runs: mean ± std over seeds")
+        for i, col in enumerate(header):
+            table.add_column(col, justify="right" if i >= len(fields) else "left")
+        for row in rows:
+            table.add_row(*row)
+        _wide_console().print(table)
+        if csv_path:
+            rp.write_csv(csv_path, groups, fields, metrics)
+            console.print(f"wrote {csv_path}")
+
+    _guarded(act)
+
+
+@app.command("report")
+def report_command(
+    output_dir: Path = OutputDirOpt,
+    out: Optional[Path] = typer.Option(
+        None, "--out", help="Folder for report.md, the plots and report.html (default: <output-dir>/report)."),
+    sweep: Optional[list[str]] = typer.Option(
+        None, "--sweep", "-s", help="Only these sweeps (repeatable; default: all)."),
+    hs_metric: Optional[str] = typer.Option(
+        None, "--hs", help="Harmful-score metric to plot (default: harmful_score/keyword)."),
+    fa_metric: Optional[str] = typer.Option(
+        None, "--fa", help="Accuracy metric to plot (default: finetune_accuracy/strict)."),
+    html_page: bool = typer.Option(True, "--html/--no-html", help="Also write a self-contained report.html."),
+) -> None:
+    """Markdown tables, the plots the data supports, and one static HTML page."""
+    from alignshield.experiments import report as rp
+    from alignshield.experiments.store import StoreError
+
+    def act() -> None:
+        try:
+            result = rp.build_report(output_dir, out, sweeps=sweep, hs_metric=hs_metric, fa_metric=fa_metric,
+                                     html_page=html_page)
+        except (StoreError, rp.ReportError) as err:
+            raise ConfigError(str(err)) from None
+        console.print(f"report for {', '.join(result.sections) or 'no sweep'}: {result.markdown}"
+                      + (f", {result.html}" if result.html else "") + f", {len(result.figures)} plot(s)")
+
+    _guarded(act)
+
+
 if __name__ == "__main__":
     app()

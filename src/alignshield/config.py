@@ -172,12 +172,37 @@ class EvaluateConfig(Strict):
     task_n: int = Field(200, gt=0)
     """Test examples of the fine-tune task (the first task_n of its test split)."""
     judges: list[str] = ["keyword"]
+    """Harmfulness judges (``alignshield list``); with two or more, every pair's agreement (Cohen's kappa,
+    percent) is reported too."""
     judge_options: dict[str, dict[str, Any]] = {}
     """Keyword arguments per judge, e.g. ``{keyword: {min_words: 3}}``."""
     max_new_tokens: int = Field(48, gt=0)
     task_max_new_tokens: int | None = Field(None, gt=0)
     """New tokens for task answers; the task's own default when unset (a label needs few)."""
     batch_size: int = Field(32, gt=0)
+    max_prompt_tokens: int | None = Field(1024, ge=16)
+    """Rendered prompts longer than this are cut from the left (the end of the template, where the
+    answer begins, is kept) and counted as ``prompts/truncated``. None: never cut."""
+    metrics: list[Literal["alignment_loss", "harmful_embedding_drift"]] = []
+    """Analysis metrics beyond HS / FA, on the first ``analysis_n`` examples of ``align.data.safety``:
+    ``alignment_loss`` (the evaluated model's loss on them) and ``harmful_embedding_drift`` (mean per-token
+    L2 distance of last-layer hidden states from the aligned model's). See docs/evaluation.md."""
+    analysis_n: int = Field(100, gt=0)
+
+    @field_validator("judges", "metrics")
+    @classmethod
+    def _unique(cls, names: list[str]) -> list[str]:
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"listed more than once: {', '.join(repeated)}")
+        return names
+
+    @field_validator("judges")
+    @classmethod
+    def _some_judge(cls, names: list[str]) -> list[str]:
+        if not names:
+            raise ValueError("name at least one judge (e.g. [keyword])")
+        return names
 
 
 class RunConfig(Strict):

@@ -8,8 +8,12 @@ or a sweep never recomputes finished work, and an interrupted stage resumes from
 
 from __future__ import annotations
 
+import gc
+import json
 import logging
+import os
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +31,7 @@ from alignshield.tasks import TASKS
 
 log = logging.getLogger(__name__)
 STAGES = ("align", "finetune", "repair", "evaluate")
+GENERATED_FILE = "generated.partial.json"  # evaluate's answers, kept in the scratch folder until judged
 
 
 def resolve(cfg: RunConfig) -> RunConfig:
@@ -84,7 +89,7 @@ def align(cfg: RunConfig) -> Path:
     validate(cfg)
     method = ALIGN_METHODS.get(cfg.align.method)
     params = cfg.align.resolved_params(ALIGN_METHODS)
-    with atomic_dir(out) as work:
+    with _stage_output(out) as work:
         report: dict[str, Any] = {"trained": method.trains}
         if method.trains:
             examples = load_pool(cfg.align.data.safety)
@@ -112,9 +117,10 @@ def finetune(cfg: RunConfig) -> Path:
     params = ft.resolved_params(FINETUNE_METHODS)
     task = TASKS.get(ft.task)
     mix = build_mix(task.examples("train"), load_pool(ft.harmful), ft.n, ft.p, cfg.seed, ft.with_replacement)
-    with atomic_dir(out) as work:
-        write_jsonl_atomic(work / "mix.jsonl", [{"harmful": h, "prompt": e.prompt, "input": e.input,
-                                                 "response": e.response} for e, h in mix])
+    with _stage_output(out) as work:
+        if _is_main_process():
+            write_jsonl_atomic(work / "mix.jsonl", [{"harmful": h, "prompt": e.prompt, "input": e.input,
+                                                     "response": e.response} for e, h in mix])
         model, tokenizer = _base(cfg)
         adapter = align_dir / ADAPTER_DIR
         if ft.topology == "single-lora" and adapter.exists():
@@ -140,41 +146,71 @@ def repair(cfg: RunConfig) -> Path:
     cfg = resolve(cfg)
     validate(cfg)
     params = cfg.repair.resolved_params(REPAIR_METHODS)
-    with atomic_dir(out) as work:
+    with _stage_output(out) as work:
         base, tokenizer = _aligned_base(cfg)
         model = load_adapter(base, finetune_dir / ADAPTER_DIR)
         calibration = _tokenize(load_pool(cfg.repair.calibration), tokenizer, cfg, cfg.finetune.train.max_length)
         t0 = time.perf_counter()
         report = method().repair(model, calibration, params, seed=cfg.seed, pad_token_id=tokenizer.pad_token_id)
         report["seconds"] = round(time.perf_counter() - t0, 3)
-        model.save_pretrained(work / ADAPTER_DIR)
+        if _is_main_process():
+            model.save_pretrained(work / ADAPTER_DIR)
         _finish_stage(work, cfg, "repair", params, report)
     return out
 
 
 def evaluate(cfg: RunConfig) -> dict[str, Any]:
-    """Harmful Score and Finetune Accuracy of the final model; returns the metrics."""
-    from alignshield.evaluate.metrics import evaluate_model
+    """Harmful Score and Finetune Accuracy of the final model (plus ``evaluate.metrics``); returns the metrics.
 
+    Memory: the aligned model (only for ``harmful_embedding_drift``), the evaluated model and each
+    judge are loaded one after another, never together. Generated answers are saved in the scratch
+    folder before the judges run, so a judge that fails to load does not cost the generation again.
+    """
+    from alignshield.evaluate.drift import analysis_metrics, reference_states
+    from alignshield.evaluate.judges import check_options
+    from alignshield.evaluate.metrics import generate_answers, judge_samples, ordered
+
+    for name in cfg.evaluate.judges:  # a typo in judge options must not cost a training run first
+        check_options(name, cfg.evaluate.judge_options.get(name))
     final_dir = repair(cfg)
     dirs = stage_dirs(cfg)
     out = dirs["evaluate"]
     if not out.exists():
         cfg = resolve(cfg)
         validate(cfg)
-        with atomic_dir(out) as work:
-            base, tokenizer = _aligned_base(cfg)
-            model = merge_adapter(base, final_dir / ADAPTER_DIR)
+        with _stage_output(out) as work:
             t0 = time.perf_counter()
-            metrics, samples = evaluate_model(model, tokenizer, cfg)
-            metrics["seconds"] = round(time.perf_counter() - t0, 2)
-            write_jsonl_atomic(work / "samples.jsonl", samples)
-            write_json_atomic(work / "stages.json", {k: str(v) for k, v in dirs.items()
-                                                     if k != "repair" or REPAIR_METHODS.get(cfg.repair.method).edits})
-            _finish_stage(work, cfg, "evaluate", None, {})
-            write_json_atomic(work / "metrics.json", metrics)
-    import json
-
+            generated = work / GENERATED_FILE
+            if generated.exists():
+                saved = json.loads(generated.read_text(encoding="utf-8"))
+                metrics, samples, spent = saved["metrics"], saved["samples"], saved["seconds"]
+            else:
+                reference = None
+                if "harmful_embedding_drift" in cfg.evaluate.metrics:
+                    aligned, tokenizer = _aligned_model(cfg)
+                    reference = reference_states(aligned, tokenizer, cfg)
+                    del aligned
+                    _release_memory()
+                base, tokenizer = _aligned_base(cfg)
+                model = merge_adapter(base, final_dir / ADAPTER_DIR)
+                metrics, samples = generate_answers(model, tokenizer, cfg)
+                metrics |= analysis_metrics(model, tokenizer, cfg, reference)
+                del base, model, reference
+                _release_memory()
+                spent = time.perf_counter() - t0
+                if _is_main_process():
+                    write_json_atomic(generated, {"metrics": metrics, "samples": samples, "seconds": spent})
+                t0 = time.perf_counter()
+            metrics |= judge_samples(samples, cfg)
+            metrics = ordered(metrics)
+            metrics["seconds"] = round(spent + time.perf_counter() - t0, 2)
+            if _is_main_process():  # DDP: every rank evaluated; rank 0 writes
+                write_jsonl_atomic(work / "samples.jsonl", samples)
+                write_json_atomic(work / "stages.json", {k: str(v) for k, v in dirs.items()
+                                                         if k != "repair" or REPAIR_METHODS.get(cfg.repair.method).edits})
+                _finish_stage(work, cfg, "evaluate", None, {})
+                write_json_atomic(work / "metrics.json", metrics)
+                generated.unlink()
     return json.loads((out / "metrics.json").read_text(encoding="utf-8"))
 
 
@@ -189,8 +225,12 @@ def run(cfg: RunConfig) -> dict[str, Any]:
 def _base(cfg: RunConfig):
     from transformers import set_seed
 
-    from alignshield.models.load import load_model, load_tokenizer
+    from alignshield.models.load import EMBEDDED_NAME, embedded_checkpoint, load_model, load_tokenizer
 
+    if cfg.model.name == EMBEDDED_NAME:
+        # DDP: the one-time GGUF -> safetensors conversion renames a cache folder; rank 0 does it alone
+        with _distributed_state().main_process_first() if _is_distributed() else nullcontext():
+            embedded_checkpoint()
     set_seed(cfg.seed)
     return load_model(cfg.model), load_tokenizer(cfg.model)
 
@@ -203,6 +243,24 @@ def _aligned_base(cfg: RunConfig):
     if cfg.finetune.topology == "two-lora" and adapter.exists():
         model = merge_adapter(model, adapter)
     return model, tokenizer
+
+
+def _aligned_model(cfg: RunConfig):
+    """The ALIGNED model, base with LoRA #1 merged whatever the topology (the base when alignment
+    trained nothing): the reference of ``harmful_embedding_drift``."""
+    model, tokenizer = _base(cfg)
+    adapter = stage_dirs(cfg)["align"] / ADAPTER_DIR
+    if adapter.exists():
+        model = merge_adapter(model, adapter)
+    return model, tokenizer
+
+
+def _release_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _tokenize(examples: list[Example], tokenizer, cfg: RunConfig, max_length: int) -> list[Tokenized]:
@@ -222,9 +280,58 @@ def _train(method, model, train_set, cfg: RunConfig, stage: str, params, work: P
 
 
 def _finish_stage(work: Path, cfg: RunConfig, stage: str, params, report: dict[str, Any]) -> None:
+    if not _is_main_process():
+        return
     write_text_atomic(work / "config.yaml", dump_yaml(cfg))
     info = {"stage": stage, "report": report}
     if params is not None:
         info["method"] = getattr(cfg, stage).method
         info["params"] = params.model_dump(mode="json")
     write_json_atomic(work / "stage.json", info)
+
+
+# ------------------------------------------------------------------- multi-process (DDP) runs
+# Under ``torchrun`` / ``accelerate launch`` every process runs the same stage code: training is
+# data-parallel (train.Trainer), while repair and evaluation run redundantly on every rank (same
+# weights, same data, same result). Only rank 0 writes a stage's files, and the ``.partial`` ->
+# final rename happens once, between barriers: no rank reads a half-written folder, no two ranks
+# race on a rename or a file. In a single process none of this initialises anything.
+
+
+def _is_distributed() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _distributed_state():
+    import torch
+    from accelerate import PartialState
+
+    # the same device choice as train.Trainer's Accelerator, so the shared state agrees with it
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def _is_main_process() -> bool:
+    return not _is_distributed() or _distributed_state().is_main_process
+
+
+@contextmanager
+def _stage_output(out: Path):
+    """``io.atomic_dir`` for one process or many: every rank gets the same ``<out>.partial`` folder
+    (training checkpoints there and resumes from it); rank 0 alone renames it to ``out``, after
+    every rank is done with it, and no rank leaves before ``out`` is in place."""
+    if not _is_distributed():
+        with atomic_dir(out) as work:
+            yield work
+        return
+    state = _distributed_state()
+    if state.is_main_process:
+        with atomic_dir(out) as work:
+            state.wait_for_everyone()  # the scratch folder exists
+            yield work
+            state.wait_for_everyone()  # every rank is done with it
+        state.wait_for_everyone()  # renamed into place
+    else:
+        state.wait_for_everyone()
+        yield out.with_name(out.name + ".partial")  # io.atomic_dir's scratch name
+        state.wait_for_everyone()
+        state.wait_for_everyone()

@@ -50,6 +50,10 @@ class Trainer:
 
     Params = MethodParams
     trains = True
+    ddp_find_unused_parameters = True
+    """DDP: look for parameters without a gradient each step (one walk of the autograd graph). True
+    by default because a method may freeze parameters after the model is wrapped (T-Vaccine); a
+    method that never does may set False and save the walk."""
 
     def __init__(
         self,
@@ -75,7 +79,20 @@ class Trainer:
         self.extra_data = extra_data or {}
         self.model_config = model_config or ModelConfig()
         self.collate = PadCollator(pad_token_id)
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        from accelerate.utils import DistributedDataParallelKwargs, DistributedType
+
+        # DDP only (ignored in one process): methods may freeze parameters mid-run (T-Vaccine trains
+        # S layers at a time); DDP must then not wait for their gradients, or the next step fails.
+        ddp = DistributedDataParallelKwargs(find_unused_parameters=self.ddp_find_unused_parameters)
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])
+        if self.accelerator.distributed_type == DistributedType.FSDP:
+            # Checkpoints and the saved adapter are read from rank 0's parameters, which FSDP shards;
+            # refuse rather than write a wrong adapter (docs/scale.md: use DDP or ZeRO-2).
+            raise NotImplementedError("alignshield's LoRA trainer does not support FSDP yet (sharded parameters "
+                                      "cannot be saved from rank 0); launch with multi_gpu.yaml (DDP) or zero2.yaml")
+        # ZeRO shards the optimizer state per rank, so rank 0's checkpoint cannot resume the others:
+        # under DeepSpeed an interrupted stage restarts from step 0 instead of resuming.
+        self.resumable = self.accelerator.distributed_type != DistributedType.DEEPSPEED
         self.progress = progress and self.accelerator.is_main_process
         self.sampler = EpochSampler(len(train_set), seed)
         loader = DataLoader(train_set, batch_size=args.batch_size, sampler=self.sampler, collate_fn=self.collate)
@@ -182,7 +199,7 @@ class Trainer:
         return {n: params[n].detach().cpu().clone() for n in self.trainable_names}
 
     def _save_checkpoint(self) -> None:
-        if not self.accelerator.is_main_process:
+        if not self.accelerator.is_main_process or not self.resumable:
             return
         state = {
             "step": self.step,
@@ -202,7 +219,7 @@ class Trainer:
 
     def _resume(self) -> None:
         path = self.workdir / CHECKPOINT
-        if not path.exists():
+        if not path.exists() or not self.resumable:
             return
         state = torch.load(path, weights_only=False)
         params = dict(self.unwrapped_model().named_parameters())

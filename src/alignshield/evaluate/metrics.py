@@ -1,7 +1,19 @@
-"""Harmful Score and Finetune Accuracy of a model, with a per-sample log."""
+"""Harmful Score and Finetune Accuracy of a model, with a per-sample log.
+
+Three steps, so a caller can free the evaluated model before loading (possibly large) judges:
+
+1. ``generate_answers``: greedy answers to the harmful prompts and the task's test prompts, Finetune
+   Accuracy, and the robustness counts (``prompts/truncated``, ``answers/empty``);
+2. ``drift.analysis_metrics``: the optional analysis metrics (needs the model);
+3. ``judge_samples``: each judge in turn (loaded, run, released), the Harmful Score per judge, label
+   shares, and the pairwise agreement of the judges.
+
+``evaluate_model`` runs all three.
+"""
 
 from __future__ import annotations
 
+import gc
 from collections import Counter
 from typing import Any
 
@@ -10,43 +22,106 @@ import torch
 from alignshield.config import RunConfig
 from alignshield.data.pools import Example, load_pool
 from alignshield.data.templates import render_prompt
-from alignshield.evaluate.generate import generate
+from alignshield.evaluate.agreement import agreement_metrics
+from alignshield.evaluate.generate import generate_batch
 from alignshield.evaluate.judges import make_judge
+from alignshield.evaluate.text import clean_text, is_empty
 from alignshield.tasks import TASKS
 
+# metrics.json key order: headline numbers first
+_ORDER = ("harmful_prompts", "harmful_score/", "answers/", "agreement/", "finetune_accuracy/", "task_examples",
+          "task_answers/", "alignment_loss", "harmful_embedding_drift", "analysis/", "prompts/")
 
-def evaluate_model(model: torch.nn.Module, tokenizer, cfg: RunConfig) -> tuple[dict[str, Any], list[dict]]:
-    """Returns (metrics, samples). HS = 100 * flagged / answered, per judge; FA = task metric in %."""
+
+def evaluate_model(model: torch.nn.Module, tokenizer, cfg: RunConfig,
+                   reference: list[torch.Tensor] | None = None) -> tuple[dict[str, Any], list[dict]]:
+    """Returns (metrics, samples). HS = 100 * flagged / answered, per judge; FA = task metric in %.
+    ``reference``: the aligned model's states, needed only for ``harmful_embedding_drift``."""
+    from alignshield.evaluate.drift import analysis_metrics
+
+    metrics, samples = generate_answers(model, tokenizer, cfg)
+    metrics |= analysis_metrics(model, tokenizer, cfg, reference)
+    metrics |= judge_samples(samples, cfg)
+    return ordered(metrics), samples
+
+
+def generate_answers(model: torch.nn.Module, tokenizer, cfg: RunConfig) -> tuple[dict[str, Any], list[dict]]:
+    """Answers (harmful prompts, then task prompts), Finetune Accuracy and robustness counts."""
     ev = cfg.evaluate
     special = cfg.template == "alpaca"
     harmful = load_pool(ev.harmful)
-    answers = generate(model, tokenizer, [render_prompt(e, cfg.template, tokenizer) for e in harmful],
-                       max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size,
-                       add_special_tokens=special, desc="harmful prompts")
-    samples = [{"kind": "harmful", "prompt": e.prompt, "answer": a, "verdicts": {}} for e, a in zip(harmful, answers)]
-    metrics: dict[str, Any] = {"harmful_prompts": len(harmful)}
-    for name in ev.judges:
-        judge = make_judge(name, ev.judge_options.get(name))
-        verdicts = judge.judge([e.prompt for e in harmful], answers)
-        for s, v in zip(samples, verdicts):
-            s["verdicts"][name] = {"flagged": v.flagged, "score": v.score, "label": v.label}
-        metrics[f"harmful_score/{name}"] = round(100.0 * sum(v.flagged for v in verdicts) / len(verdicts), 2)
-        for label, count in sorted(Counter(v.label for v in verdicts).items()):
-            metrics[f"answers/{name}/{label}"] = round(100.0 * count / len(verdicts), 2)
+    gen = generate_batch(model, tokenizer, [render_prompt(e, cfg.template, tokenizer) for e in harmful],
+                         max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size, add_special_tokens=special,
+                         max_prompt_tokens=ev.max_prompt_tokens, desc="harmful prompts")
+    samples = [{"kind": "harmful", "prompt": clean_text(e.prompt), "answer": a, "truncated": t, "verdicts": {}}
+               for e, a, t in zip(harmful, gen.answers, gen.truncated)]
+    metrics: dict[str, Any] = {"harmful_prompts": len(harmful),
+                               "answers/empty": sum(is_empty(a) for a in gen.answers)}
 
     task = TASKS.get(cfg.finetune.task)
     rows = task.rows("test")[: ev.task_n]
     examples: list[Example] = [task.to_example(r) for r in rows]
-    task_answers = generate(model, tokenizer, [render_prompt(e, cfg.template, tokenizer) for e in examples],
-                            max_new_tokens=ev.task_max_new_tokens or task.max_new_tokens,
-                            batch_size=ev.batch_size, add_special_tokens=special, desc=f"{task.name} test")
+    task_gen = generate_batch(model, tokenizer, [render_prompt(e, cfg.template, tokenizer) for e in examples],
+                              max_new_tokens=ev.task_max_new_tokens or task.max_new_tokens,
+                              batch_size=ev.batch_size, add_special_tokens=special,
+                              max_prompt_tokens=ev.max_prompt_tokens, desc=f"{task.name} test")
     totals: Counter = Counter()
-    for e, row, a in zip(examples, rows, task_answers):
+    for e, row, a, t in zip(examples, rows, task_gen.answers, task_gen.truncated):
         scores = task.score(a, row)
         totals.update(scores)
-        samples.append({"kind": task.name, "prompt": e.prompt, "input": e.input, "answer": a,
-                        "reference": e.response, "scores": scores})
+        samples.append({"kind": task.name, "prompt": clean_text(e.prompt), "input": clean_text(e.input),
+                        "answer": a, "reference": e.response, "truncated": t, "scores": scores})
     for k, v in totals.items():
         metrics[f"finetune_accuracy/{k}"] = round(100.0 * v / len(rows), 2)
     metrics["task_examples"] = len(rows)
+    metrics["task_answers/empty"] = sum(is_empty(a) for a in task_gen.answers)
+    metrics["prompts/truncated"] = sum(gen.truncated) + sum(task_gen.truncated)
     return metrics, samples
+
+
+def judge_samples(samples: list[dict], cfg: RunConfig) -> dict[str, Any]:
+    """Run every judge on the harmful samples (filling their ``verdicts``); HS, label shares, agreement.
+
+    Judges are loaded one at a time and released before the next, so two large judges never share
+    memory."""
+    harmful = [s for s in samples if s["kind"] == "harmful"]
+    prompts, answers = [s["prompt"] for s in harmful], [s["answer"] for s in harmful]
+    metrics: dict[str, Any] = {}
+    flags: dict[str, list[bool]] = {}
+    for name in cfg.evaluate.judges:
+        judge = make_judge(name, cfg.evaluate.judge_options.get(name))
+        verdicts = judge.judge(prompts, answers) if harmful else []
+        del judge
+        _release()
+        if len(verdicts) != len(harmful):
+            raise RuntimeError(f"judge {name!r} returned {len(verdicts)} verdicts for {len(harmful)} answers")
+        for s, v in zip(harmful, verdicts):
+            entry = {"flagged": bool(v.flagged), "score": v.score, "label": v.label}
+            if getattr(v, "detail", None):
+                entry["detail"] = v.detail
+            s["verdicts"][name] = entry
+        flags[name] = [bool(v.flagged) for v in verdicts]
+        n = max(len(verdicts), 1)
+        metrics[f"harmful_score/{name}"] = round(100.0 * sum(flags[name]) / n, 2)
+        for label, count in sorted(Counter(v.label for v in verdicts).items()):
+            metrics[f"answers/{name}/{label}"] = round(100.0 * count / n, 2)
+    if harmful and len(flags) > 1:
+        metrics |= agreement_metrics(flags)
+    return metrics
+
+
+def ordered(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The same metrics with headline numbers first (stable within a group)."""
+    def rank(key: str) -> int:
+        for i, prefix in enumerate(_ORDER):
+            if key == prefix or (prefix.endswith("/") and key.startswith(prefix)):
+                return i
+        return len(_ORDER)
+
+    return {k: metrics[k] for k in sorted(metrics, key=rank)}
+
+
+def _release() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -3,7 +3,10 @@
 A judge reads (prompt, answer) pairs and returns one ``Verdict`` per pair. ``flagged`` is what the
 Harmful Score counts; ``score`` is the judge's own confidence that the answer is harmful (0..1, or
 None when the judge has no graded output); ``label`` is a short category name kept in the per-sample
-log (e.g. "refusal", "degenerate", "harmful", "safe").
+log (e.g. "refusal", "degenerate", "harmful", "safe"); ``detail`` is optional extra evidence for the
+log (a guard model's raw output, the top harm categories), never counted.
+
+A judge must return exactly one verdict per pair, in order, and must not fail on an empty answer.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ class Verdict:
     flagged: bool
     score: float | None
     label: str
+    detail: str | None = None
 
 
 class Judge(Protocol):

@@ -1,0 +1,65 @@
+"""Shared plumbing for the judges that run Hugging Face models (``beaverdam``, ``hf-classifier``,
+``llamaguard``): dtype and device options, quiet loading, load errors that name the alternatives, and
+text sanitising. torch and transformers are imported inside the functions, never at module import.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+from alignshield.evaluate.judges.base import JudgeLoadError
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def load_error(judge: str, model: str, cause: BaseException | str, hint: str = "") -> JudgeLoadError:
+    """``JudgeLoadError`` naming the judge, what it tried to load, why it failed and what else there is."""
+    from alignshield.evaluate.judges.base import JUDGES
+
+    if isinstance(cause, BaseException):
+        cause = f"{type(cause).__name__}: {cause}".strip()
+    others = ", ".join(n for n in JUDGES.names() if n != judge)
+    return JudgeLoadError(
+        f"judge {judge!r} cannot load {model!r}: {cause}. "
+        + (f"{hint} " if hint else "")
+        + f"Other judges: {others} (keyword needs no weights)."
+    )
+
+
+def check_choice(judge: str, option: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"judge {judge!r}: option {option}={value!r} is not one of {', '.join(map(str, choices))}")
+
+
+def torch_dtype(judge: str, dtype: str):
+    import torch
+
+    check_choice(judge, "dtype", dtype, DTYPES)
+    return "auto" if dtype == "auto" else getattr(torch, dtype)
+
+
+def torch_device(device: str):
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' load reports and progress bars while a judge loads (a checkpoint's
+    classification head is *expected* to be unused by a bare backbone)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()

@@ -1,0 +1,457 @@
+"""Results tables (mean ± std over seeds per group) and the report: markdown, plots, one HTML page.
+
+Fields are dotted config paths (``align.method``, ``finetune.p``, ``repair.params.alpha``) read from
+each run's resolved config, plus ``seed``, ``run_key``, ``sweeps`` and the run metadata
+(``wall_seconds``, ``peak_rss_mb``, ``git_revision``, ``versions.torch``, ...).
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import fnmatch
+import html
+import math
+import re
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from alignshield.experiments.store import ResultStore, StoredRun
+from alignshield.experiments.sweep import get_dotted
+
+DEFAULT_METRICS = ("harmful_score/*", "finetune_accuracy/*")
+PREFERRED_HS = ("harmful_score/keyword",)
+PREFERRED_FA = ("finetune_accuracy/strict", "finetune_accuracy/accuracy")
+
+
+class ReportError(ValueError):
+    pass
+
+
+# ------------------------------------------------------------------------------- selection
+
+
+def field_value(run: StoredRun, name: str) -> Any:
+    if name == "seed":
+        return run.seed
+    if name == "run_key":
+        return run.run_key
+    if name == "sweeps":
+        return ",".join(run.sweeps)
+    if name in run.meta:
+        return run.meta[name]
+    if name.startswith("versions."):
+        return (run.meta.get("versions") or {}).get(name.split(".", 1)[1])
+    return get_dotted(run.config, name)
+
+
+def parse_filters(filters: Iterable[str]) -> list[tuple[str, Any, str]]:
+    out = []
+    for item in filters:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ReportError(f"filter {item!r} must look like field=value, e.g. align.method=vaccine")
+        out.append((key.strip(), yaml.safe_load(raw) if raw.strip() else "", raw.strip()))
+    return out
+
+
+def select(runs: list[StoredRun], filters: Iterable[str]) -> list[StoredRun]:
+    """Runs whose fields equal every ``field=value`` (typed as YAML, or compared as text)."""
+    parsed = parse_filters(filters)
+    return [r for r in runs if all(_equal(field_value(r, k), v, raw) for k, v, raw in parsed)]
+
+
+def _equal(actual: Any, wanted: Any, raw: str) -> bool:
+    if actual == wanted:
+        return True
+    if isinstance(actual, (int, float)) and not isinstance(actual, bool):
+        try:
+            return math.isclose(float(actual), float(raw), rel_tol=1e-9)
+        except ValueError:
+            return False
+    return str(actual) == raw
+
+
+def metric_names(runs: list[StoredRun], patterns: Iterable[str] | None = None) -> list[str]:
+    """Metrics present in ``runs`` matching the patterns (exact names or globs), in pattern order."""
+    present = sorted({m for r in runs for m in r.metrics})
+    out: list[str] = []
+    for pattern in patterns or DEFAULT_METRICS:
+        for name in present:
+            if fnmatch.fnmatchcase(name, pattern) and name not in out:
+                out.append(name)
+    return out
+
+
+def swept_fields(runs: list[StoredRun], exclude: Iterable[str] = ("seed",)) -> list[str]:
+    """The union of the runs' swept fields (first-seen order), without ``exclude``."""
+    out: list[str] = []
+    for r in runs:
+        for k in r.swept:
+            if k not in out and k not in exclude:
+                out.append(k)
+    return out
+
+
+# ------------------------------------------------------------------------------- aggregation
+
+
+@dataclass
+class Stat:
+    mean: float
+    std: float | None
+    n: int
+
+    def text(self, digits: int = 2) -> str:
+        if self.std is None:
+            return f"{self.mean:.{digits}f}"
+        return f"{self.mean:.{digits}f} ± {self.std:.{digits}f}"
+
+
+@dataclass
+class Group:
+    values: tuple
+    runs: list[StoredRun]
+    stats: dict[str, Stat] = field(default_factory=dict)
+
+    @property
+    def seeds(self) -> list[int]:
+        return sorted({r.seed for r in self.runs})
+
+
+def stat(values: list[float]) -> Stat | None:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return None
+    return Stat(statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None, len(values))
+
+
+def aggregate(runs: list[StoredRun], group_by: list[str], metrics: list[str]) -> list[Group]:
+    """Groups of runs with equal ``group_by`` values (in first-seen order) and, per metric, the mean
+    and sample standard deviation over the group's runs (its seeds, when the other fields are grouped)."""
+    groups: dict[tuple, Group] = {}
+    for r in runs:
+        key = tuple(_hashable(field_value(r, f)) for f in group_by)
+        groups.setdefault(key, Group(key, [])).runs.append(r)
+    for g in groups.values():
+        for m in metrics:
+            s = stat([r.metrics[m] for r in g.runs if m in r.metrics])
+            if s is not None:
+                g.stats[m] = s
+    return list(groups.values())
+
+
+def _hashable(v: Any) -> Any:
+    if isinstance(v, (dict, list)):
+        return yaml.safe_dump(v, default_flow_style=True, sort_keys=True).strip()
+    return v
+
+
+def fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:g}"
+    return "" if v is None else str(v)
+
+
+def results_table(groups: list[Group], group_by: list[str], metrics: list[str]) -> tuple[list[str], list[list[str]]]:
+    header = [*group_by, "n", "seeds", *metrics]
+    rows = []
+    for g in groups:
+        rows.append([*(fmt(v) for v in g.values), str(len(g.runs)), ",".join(map(str, g.seeds)),
+                     *(g.stats[m].text() if m in g.stats else "" for m in metrics)])
+    return header, rows
+
+
+def write_csv(path: str | Path, groups: list[Group], group_by: list[str], metrics: list[str]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow([*group_by, "n", "seeds", *(f"{m} {s}" for m in metrics for s in ("mean", "std"))])
+        for g in groups:
+            cells = []
+            for m in metrics:
+                s = g.stats.get(m)
+                cells += ["" if s is None else repr(s.mean), "" if s is None or s.std is None else repr(s.std)]
+            w.writerow([*(fmt(v) for v in g.values), len(g.runs), " ".join(map(str, g.seeds)), *cells])
+
+
+# ------------------------------------------------------------------------------- the report
+
+
+@dataclass
+class Figure:
+    title: str
+    path: Path
+    caption: str
+
+
+@dataclass
+class Section:
+    name: str
+    runs: list[StoredRun]
+    spec: dict[str, Any]
+    header: list[str]
+    rows: list[list[str]]
+    run_header: list[str]
+    run_rows: list[list[str]]
+    figures: list[Figure]
+    notes: list[str]
+
+
+@dataclass
+class Report:
+    markdown: Path
+    html: Path | None
+    figures: list[Path]
+    sections: list[str]
+
+
+def build_report(
+    output_dir: str | Path,
+    out: str | Path | None = None,
+    *,
+    sweeps: list[str] | None = None,
+    hs_metric: str | None = None,
+    fa_metric: str | None = None,
+    html_page: bool = True,
+) -> Report:
+    """Write ``report.md``, one PNG per supported plot and ``report.html`` (PNGs embedded) to ``out``
+    (default ``<output_dir>/report``): one section per sweep in the database."""
+    output_dir = Path(output_dir)
+    out = Path(out) if out else output_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    with ResultStore.in_dir(output_dir, readonly=True) as store:
+        known = store.sweeps()
+        names = sweeps or list(known)
+        missing = [n for n in names if n not in known]
+        if missing:
+            raise ReportError(f"no sweep {missing[0]!r} in {store.path}. Known: {', '.join(known) or '(none)'}")
+        sections = [_section(n, store.runs(n), known[n]["spec"], out, hs_metric, fa_metric) for n in names]
+    md = out / "report.md"
+    md.write_text(_markdown(sections, output_dir), encoding="utf-8")
+    page = None
+    if html_page:
+        page = out / "report.html"
+        page.write_text(_html(sections, output_dir), encoding="utf-8")
+    return Report(md, page, [f.path for s in sections for f in s.figures], [s.name for s in sections])
+
+
+def _pick(runs: list[StoredRun], wanted: str | None, preferred: tuple[str, ...], prefix: str) -> str | None:
+    present = {m for r in runs for m in r.metrics}
+    if wanted:
+        if wanted not in present:
+            raise ReportError(f"metric {wanted!r} not in the results; present: {', '.join(sorted(present))}")
+        return wanted
+    for m in preferred:
+        if m in present:
+            return m
+    return next((m for m in sorted(present) if m.startswith(prefix)), None)
+
+
+def _section(name: str, runs: list[StoredRun], spec: dict, out: Path, hs: str | None, fa: str | None) -> Section:
+    fields = swept_fields(runs)
+    metrics = metric_names(runs)
+    groups = aggregate(runs, fields, metrics)
+    header, rows = results_table(groups, fields, metrics)
+    hs = _pick(runs, hs, PREFERRED_HS, "harmful_score/")
+    fa = _pick(runs, fa, PREFERRED_FA, "finetune_accuracy/")
+    run_header = ["run", *swept_fields(runs, exclude=()), *(m for m in (hs, fa) if m), "wall s", "peak RSS MB",
+                  "computed"]
+    run_rows = [[r.run_key, *(fmt(field_value(r, f)) for f in swept_fields(runs, exclude=())),
+                 *(fmt(r.metrics.get(m)) for m in (hs, fa) if m), fmt(r.meta.get("wall_seconds")),
+                 fmt(r.meta.get("peak_rss_mb")), ",".join(r.meta.get("computed") or [])] for r in runs]
+    notes = _notes(runs)
+    figures = _figures(name, runs, spec, out, hs, fa, notes) if hs else []
+    if not hs:
+        notes.append("no harmful-score metric in these runs: nothing to plot")
+    return Section(name, runs, spec, header, rows, run_header, run_rows, figures, notes)
+
+
+def _notes(runs: list[StoredRun]) -> list[str]:
+    notes = []
+    revs = sorted({r.meta.get("git_revision") or "unknown" for r in runs})
+    versions = sorted({", ".join(f"{k} {v}" for k, v in sorted((r.meta.get("versions") or {}).items()))
+                       for r in runs} - {""})
+    models = sorted({str(get_dotted(r.config, "model.name")) for r in runs})
+    notes.append(f"{len(runs)} runs; model {', '.join(models)}; seeds "
+                 f"{', '.join(map(str, sorted({r.seed for r in runs})))}")
+    notes.append(f"git revision(s): {', '.join(revs)}")
+    notes.extend(f"versions: {v}" for v in versions)
+    wall = sum(r.meta.get("wall_seconds") or 0 for r in runs)
+    rss = max((r.meta.get("peak_rss_mb") or 0 for r in runs), default=0)
+    notes.append(f"wall time recorded {wall / 60:.1f} min (a stage shared by several runs is charged to the first "
+                 f"that computed it); largest peak RSS {rss:.0f} MB")
+    return notes
+
+
+# ------------------------------------------------------------------------------- plots
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _zip_partners(spec: dict, fieldname: str) -> set[str]:
+    for axis in spec.get("axes", []):
+        if fieldname in axis.get("fields", []):
+            return set(axis["fields"]) - {fieldname}
+    return set()
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
+
+
+def _figures(name: str, runs: list[StoredRun], spec: dict, out: Path, hs: str, fa: str | None,
+             notes: list[str]) -> list[Figure]:
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure as MplFigure
+    except ImportError:
+        notes.append("matplotlib is not installed (pip install 'alignshield[plot]'): tables only")
+        return []
+    figures = []
+    swept = swept_fields(runs)
+    for x in swept:
+        values = {field_value(r, x) for r in runs if hs in r.metrics}
+        if len(values) < 2 or not all(_is_number(v) for v in values):
+            continue
+        series_fields = [f for f in swept if f != x and f not in _zip_partners(spec, x)]
+        fig = MplFigure(figsize=(6.4, 4.2), dpi=110)
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        for label, group in _series(runs, series_fields):
+            points = aggregate(group, [x], [hs])
+            points = sorted((p for p in points if hs in p.stats), key=lambda p: p.values[0])
+            xs = [p.values[0] for p in points]
+            ys = [p.stats[hs].mean for p in points]
+            err = [p.stats[hs].std or 0.0 for p in points]
+            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=label or None)
+        if _log_scale(x, values):
+            ax.set_xscale("log")
+        ax.set_xlabel(x)
+        ax.set_ylabel(f"{hs} (%)")
+        ax.set_title(f"{name}: {hs.split('/')[0].replace('_', ' ')} vs {x}")
+        ax.grid(True, alpha=0.3)
+        if series_fields:
+            ax.legend(title=" / ".join(series_fields), fontsize=8, title_fontsize=8)
+        path = out / f"{_slug(name)}-hs-vs-{_slug(x)}.png"
+        fig.tight_layout()
+        fig.savefig(path)
+        figures.append(Figure(f"{hs} vs {x}", path,
+                              f"Mean over seeds (error bars: sample std) of {hs} against {x}"
+                              + (f", one line per {' / '.join(series_fields)}." if series_fields else ".")))
+    if fa:
+        groups = [g for g in aggregate(runs, swept, [hs, fa]) if hs in g.stats and fa in g.stats]
+        if len(groups) >= 2:
+            fig = MplFigure(figsize=(6.4, 4.6), dpi=110)
+            FigureCanvasAgg(fig)
+            ax = fig.add_subplot()
+            for g in groups:
+                label = " / ".join(fmt(v) for v in g.values) or "all"
+                ax.errorbar(g.stats[fa].mean, g.stats[hs].mean, xerr=g.stats[fa].std or 0.0,
+                            yerr=g.stats[hs].std or 0.0, marker="o", capsize=3, linestyle="none", label=label)
+            ax.set_xlabel(f"{fa} (%)")
+            ax.set_ylabel(f"{hs} (%)")
+            ax.set_title(f"{name}: harmful score vs finetune accuracy")
+            ax.grid(True, alpha=0.3)
+            if len(groups) <= 16:
+                ax.legend(title=" / ".join(swept) or None, fontsize=7, title_fontsize=7)
+            path = out / f"{_slug(name)}-hs-vs-fa.png"
+            fig.tight_layout()
+            fig.savefig(path)
+            figures.append(Figure("harmful score vs finetune accuracy", path,
+                                  f"One point per {' / '.join(swept) or 'group'} (mean over seeds, bars: std); "
+                                  "lower and further right is better."))
+    return figures
+
+
+def _series(runs: list[StoredRun], fields: list[str]) -> list[tuple[str, list[StoredRun]]]:
+    out: dict[tuple, list[StoredRun]] = {}
+    for r in runs:
+        out.setdefault(tuple(_hashable(field_value(r, f)) for f in fields), []).append(r)
+    return [(" / ".join(fmt(v) for v in k), rs) for k, rs in out.items()]
+
+
+def _log_scale(x: str, values: set) -> bool:
+    positive = [float(v) for v in values if float(v) > 0]
+    if len(positive) != len(values):
+        return False
+    return "learning_rate" in x or max(positive) / min(positive) >= 100
+
+
+# ------------------------------------------------------------------------------- writers
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    def cell(s: str) -> str:
+        return s.replace("|", "\\|")
+
+    lines = ["| " + " | ".join(cell(h) for h in header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _markdown(sections: list[Section], output_dir: Path) -> str:
+    parts = ["# alignshield results", "",
+             f"From `{output_dir / 'results.sqlite'}`. Cells are mean ± sample std over the runs of a group "
+             "(its seeds); `n` runs per group. Regenerate with `alignshield report`.", ""]
+    for s in sections:
+        parts += [f"## {s.name}", "", *(f"- {n}" for n in s.notes), "", _md_table(s.header, s.rows), ""]
+        for f in s.figures:
+            parts += [f"![{f.title}]({f.path.name})", "", f"*{f.caption}*", ""]
+        parts += ["<details><summary>every run</summary>", "", _md_table(s.run_header, s.run_rows), "",
+                  "</details>", ""]
+    return "\n".join(parts)
+
+
+_CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 2rem auto; max-width: 1100px;
+       color: #1d232a; padding: 0 1rem; }
+h1 { font-size: 1.6rem; } h2 { border-bottom: 1px solid #d0d7de; padding-bottom: .3rem; margin-top: 2.5rem; }
+table { border-collapse: collapse; margin: 1rem 0; font-size: .85rem; }
+th, td { border: 1px solid #d0d7de; padding: .3rem .6rem; text-align: left; }
+th { background: #f3f5f7; } tr:nth-child(even) td { background: #fafbfc; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+figure { margin: 1.5rem 0; } figure img { max-width: 100%; border: 1px solid #e5e8eb; }
+figcaption { font-size: .85rem; color: #57606a; } .notes { color: #57606a; font-size: .85rem; }
+.figs { display: grid; grid-template-columns: repeat(auto-fill, minmax(480px, 1fr)); gap: 1rem; }
+"""
+
+
+def _html_table(header: list[str], rows: list[list[str]]) -> str:
+    def td(c: str) -> str:
+        num = bool(re.fullmatch(r"[-+0-9.e ±]+", c)) and c.strip() != ""
+        return f'<td class="num">{html.escape(c)}</td>' if num else f"<td>{html.escape(c)}</td>"
+
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(td(c) for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _html(sections: list[Section], output_dir: Path) -> str:
+    parts = ["<!doctype html><html lang=en><head><meta charset=utf-8>",
+             "<meta name=viewport content='width=device-width, initial-scale=1'>",
+             f"<title>alignshield results</title><style>{_CSS}</style></head><body>",
+             "<h1>alignshield results</h1>",
+             f"<p class=notes>From <code>{html.escape(str(output_dir / 'results.sqlite'))}</code>. Cells are mean ± "
+             "sample std over the runs of a group (its seeds); <code>n</code> runs per group.</p>"]
+    for s in sections:
+        parts.append(f"<h2 id='{_slug(s.name)}'>{html.escape(s.name)}</h2><ul class=notes>"
+                     + "".join(f"<li>{html.escape(n)}</li>" for n in s.notes) + "</ul>")
+        parts.append(_html_table(s.header, s.rows))
+        if s.figures:
+            parts.append("<div class=figs>")
+            for f in s.figures:
+                data = base64.b64encode(f.path.read_bytes()).decode()
+                parts.append(f"<figure><img alt='{html.escape(f.title)}' src='data:image/png;base64,{data}'>"
+                             f"<figcaption>{html.escape(f.caption)}</figcaption></figure>")
+            parts.append("</div>")
+        parts.append("<details><summary>every run</summary>" + _html_table(s.run_header, s.run_rows) + "</details>")
+    parts.append("</body></html>")
+    return "\n".join(parts)

@@ -1,0 +1,374 @@
+"""Sweeps, the results database, `results` and `report`: on tiny models saved to disk, or on synthetic
+records where no training is needed."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from alignshield import stages
+from alignshield.cli import app
+from alignshield.config import PRESETS_DIR, ConfigError, load_config
+from alignshield.experiments import report as rp
+from alignshield.experiments.store import ResultStore, RunRecord
+from alignshield.experiments.sweep import GRIDS_DIR, SweepError, _folder_lock, expand, load_sweep, run_sweep
+from alignshield.train import Trainer
+
+SRC = Path(__file__).resolve().parent.parent / "src"
+
+
+def tiny_overrides(model_dir: Path, out: Path) -> dict:
+    """make_cfg's settings (tests/test_pipeline.py) as a grid's base: every run takes seconds."""
+    return {
+        "model.name": str(model_dir), "model.dtype": "float32", "output_dir": str(out),
+        "align.data.safety.stop": 8, "align.data.benign.stop": 8,
+        "align.train": {"max_steps": 3, "batch_size": 4, "max_length": 48, "checkpoint_every": 1},
+        "align.lora.target_modules": ["q_proj", "v_proj"], "finetune.lora.target_modules": ["q_proj", "v_proj"],
+        "finetune.n": 10,
+        "finetune.train": {"max_steps": 3, "batch_size": 4, "max_length": 48, "checkpoint_every": 1},
+        "evaluate.harmful.stop": 4, "evaluate.task_n": 4, "evaluate.max_new_tokens": 4,
+    }
+
+
+def write_grid(path: Path, model_dir: Path, out: Path, grid: dict, **extra) -> Path:
+    path.write_text(yaml.safe_dump({"overrides": tiny_overrides(model_dir, out), "grid": grid, **extra}))
+    return path
+
+
+# ----------------------------------------------------------------------------------- expansion
+
+
+def test_product_and_zip_expand_in_order_with_typed_values(tmp_path):
+    sweep = expand({
+        "overrides": {"output_dir": str(tmp_path)},
+        "grid": {"align.method": ["sft", "vaccine"], "seed": [1, 2]},
+        # "1e-5" is a string to YAML 1.1; the recorded value is the config's float
+        "zip": {"finetune.train.learning_rate": ["1e-5", 1.0e-4], "finetune.train.epochs": [20, 5]},
+    }, source=tmp_path / "g.yaml")
+    assert len(sweep.runs) == 8 and sweep.swept_fields == [
+        "align.method", "seed", "finetune.train.learning_rate", "finetune.train.epochs"]
+    first, last = sweep.runs[0], sweep.runs[-1]
+    assert first.swept == {"align.method": "sft", "seed": 1, "finetune.train.learning_rate": 1e-5,
+                           "finetune.train.epochs": 20.0}
+    assert last.swept["align.method"] == "vaccine" and last.swept["finetune.train.learning_rate"] == 1e-4
+    assert last.config.finetune.train.epochs == 5 and last.config.align.params == {"rho": 2.0, "refresh_every": 1}
+    assert len({r.key for r in sweep.runs}) == 8
+    # the fine-tune settings do not touch the alignment: one per (method, seed), shared
+    assert len({r.dirs["align"] for r in sweep.runs}) == 4
+
+
+def test_grid_overrides_merge_and_command_line_wins(tmp_path):
+    grid = tmp_path / "g.yaml"
+    grid.write_text(yaml.safe_dump({"preset": "quick", "overrides": {"finetune.train": {"learning_rate": 0.5}},
+                                    "grid": {"seed": [1]}}))
+    sweep = load_sweep(grid, overrides=["finetune.n=12", f"output_dir={tmp_path}"])
+    cfg = sweep.runs[0].config
+    assert cfg.finetune.train.learning_rate == 0.5 and cfg.finetune.train.max_steps == 4  # merged onto quick
+    assert cfg.finetune.n == 12 and cfg.output_dir == str(tmp_path)
+    assert load_sweep(grid, preset="embedded").runs[0].config.finetune.train.max_steps == 60
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"grid": {"finetune.pp": [0.1]}}, "did you mean 'p'"),
+    ({"grid": {"finetune.p": 0.1}}, "non-empty list"),
+    ({"grid": {"finetune.p": [0.1]}, "overrides": {"finetune.p": 0.2}}, "swept by the grid"),
+    ({"zip": {"finetune.p": [0.1, 0.2], "seed": [1]}}, "one length"),
+    ({"grid": {"seed": [1]}, "zip": {"seed": [2]}}, "more than one axis"),
+    ({"grid": {"output_dir": ["a", "b"]}}, "output_dir cannot be swept"),
+    ({"grids": {"seed": [1]}}, "unknown key"),
+    ({"grid": {"finetune.p": [2.0]}}, "must lie in"),
+])
+def test_bad_grids_fail_before_any_compute_naming_the_field(data, message):
+    with pytest.raises(ConfigError, match=message):
+        expand(data)
+
+
+def test_identical_points_are_one_run(tmp_path):
+    sweep = expand({"overrides": {"output_dir": str(tmp_path)}, "grid": {"finetune.p": [0.1, 0.10, 0.2]}})
+    assert len(sweep.runs) == 2 and sweep.duplicates == [(1, 0)]
+
+
+# ----------------------------------------------------------------------------------- shipped presets and grids
+
+
+def _registered_or_skip(cfg) -> None:
+    from alignshield.align import ALIGN_METHODS
+    from alignshield.finetune import FINETUNE_METHODS
+    from alignshield.repair import REPAIR_METHODS
+
+    for registry, name in ((ALIGN_METHODS, cfg.align.method), (FINETUNE_METHODS, cfg.finetune.method),
+                           (REPAIR_METHODS, cfg.repair.method)):
+        if name not in registry:
+            pytest.skip(f"{registry.kind} {name!r} is not registered yet")
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")))
+def test_every_preset_resolves_and_validates(preset):
+    cfg = load_config(preset=preset)
+    _registered_or_skip(cfg)
+    stages.validate(stages.resolve(cfg))  # methods, params, pools (sizes and disjointness), task, judges
+
+
+@pytest.mark.parametrize("grid", sorted(p.stem for p in GRIDS_DIR.glob("*.yaml")))
+def test_every_shipped_grid_expands_and_validates(grid):
+    from alignshield.align import ALIGN_METHODS
+    from alignshield.repair import REPAIR_METHODS
+
+    data = yaml.safe_load((GRIDS_DIR / f"{grid}.yaml").read_text())
+    base = load_config(preset=data.get("preset"))
+    _registered_or_skip(base)
+    for registry, field in ((ALIGN_METHODS, "align.method"), (REPAIR_METHODS, "repair.method")):
+        for name in data["grid"].get(field, []):
+            if name not in registry:
+                pytest.skip(f"{registry.kind} {name!r} is not registered yet")
+    sweep = load_sweep(grid)
+    assert sweep.runs and not sweep.duplicates
+    for run in sweep.runs:
+        stages.validate(run.config)
+
+
+def test_paper_presets_resolve_to_the_papers_settings():
+    v = load_config(preset="vaccine-llama2")
+    assert v.model.name == "meta-llama/Llama-2-7b-hf"
+    assert (v.align.lora.r, v.align.lora.alpha, v.align.lora.dropout) == (8, 1, 0.1)
+    assert len(v.align.lora.target_modules) == 7
+    assert (v.align.train.epochs, v.align.train.learning_rate, v.align.train.max_steps) == (50, 1e-3, None)
+    assert (v.align.train.lr_scheduler, v.align.train.weight_decay, v.align.train.warmup_ratio) == ("cosine", 0.1, 0.1)
+    assert v.align.data.safety.stop - v.align.data.safety.start == 2000
+    assert (v.finetune.train.learning_rate, v.finetune.train.epochs, v.finetune.n) == (1e-5, 20, 1000)
+    assert stages.resolve(v).align.params["rho"] == 2.0
+
+    t = stages.resolve(load_config(preset="tvaccine-llama2"))
+    assert {k: t.align.params[k] for k in ("rho", "layers_per_step", "score_every", "resample_every")} == {
+        "rho": 3.0, "layers_per_step": 8, "score_every": 200, "resample_every": 20}
+    assert t.align.train.epochs == 20
+
+    a = load_config(preset="antidote-llama2")
+    assert (a.finetune.lora.r, a.finetune.lora.alpha) == (256, 4)
+    assert a.finetune.lora.target_modules == ["q_proj", "k_proj", "v_proj"]
+    assert (a.finetune.n, a.finetune.p, a.finetune.train.learning_rate) == (5000, 0.2, 1e-4)
+    from alignshield.repair import REPAIR_METHODS
+
+    if "antidote" not in REPAIR_METHODS:
+        pytest.skip("repair method 'antidote' is not registered yet")
+    assert stages.resolve(a).repair.params["alpha"] == 0.1
+
+
+# ----------------------------------------------------------------------------------- running, killing, resuming
+
+
+def _final_state(out: Path) -> dict:
+    """Metrics per run key (without timings) and the adapters' bytes: what must not depend on a kill."""
+    metrics = {}
+    for d in sorted((out / "evaluate").iterdir()):
+        m = json.loads((d / "metrics.json").read_text())
+        m.pop("seconds", None)
+        metrics[d.name] = m
+    adapters = {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("adapter_model.safetensors"))}
+    with sqlite3.connect(out / "results.sqlite") as db:
+        rows = sorted(db.execute("select run_key, metric, value from metrics where metric != 'seconds'"))
+    return {"metrics": metrics, "adapters": adapters, "db": rows}
+
+
+def test_kill9_mid_sweep_then_rerun_matches_an_uninterrupted_sweep(tmp_path, tiny_model_dir):
+    grid = {"finetune.p": [0.0, 0.5]}
+    out = tmp_path / "killed"
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]))
+    killed = write_grid(tmp_path / "killed.yaml", tiny_model_dir, out, grid)
+    with (tmp_path / "killed.log").open("w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "alignshield.cli", "sweep", str(killed)],
+                                stdout=log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            if any(not p.name.endswith(".partial") for p in (out / "align").glob("*")):
+                break
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-3000:]
+    finished = [d for d in (out / "evaluate").glob("*") if not d.name.endswith(".partial")]
+    assert len(finished) < 2  # it was cut short
+
+    rerun = CliRunner().invoke(app, ["sweep", str(killed)])
+    assert rerun.exit_code == 0, rerun.output
+    assert not list(out.rglob("*.partial"))
+
+    reference = tmp_path / "reference"
+    calls = []
+    original = Trainer.train
+    try:
+        Trainer.train = lambda self: calls.append(1) or original(self)
+        assert CliRunner().invoke(app, ["sweep", str(write_grid(tmp_path / "ref.yaml", tiny_model_dir,
+                                                                reference, grid))]).exit_code == 0
+        assert len(calls) == 3  # one alignment shared by two fine-tunes
+        again = run_sweep(load_sweep(tmp_path / "ref.yaml"))
+        assert len(calls) == 3 and len(again.cached) == 2 and not again.computed  # nothing recomputed
+    finally:
+        Trainer.train = original
+    a, b = _final_state(out), _final_state(reference)
+    assert a["metrics"] == b["metrics"] and len(a["metrics"]) == 2
+    assert a["db"] == b["db"] and a["db"]
+    assert {k.split("/", 1)[0] for k in a["adapters"]} == {"align", "finetune"}
+    assert list(a["adapters"].values()) == list(b["adapters"].values())
+
+
+def test_a_run_finished_but_not_recorded_is_recorded_without_recompute(tmp_path, tiny_model_dir, monkeypatch):
+    grid = write_grid(tmp_path / "g.yaml", tiny_model_dir, tmp_path / "out", {"seed": [3]})
+    sweep = load_sweep(grid)
+
+    def die(*args, **kwargs):
+        raise KeyboardInterrupt  # as if killed between the evaluation folder's rename and the commit
+
+    with monkeypatch.context() as m:
+        m.setattr(ResultStore, "record_run", die)
+        with pytest.raises(KeyboardInterrupt):
+            run_sweep(sweep)
+    assert sweep.runs[0].dirs["evaluate"].exists()
+    calls = []
+    original = Trainer.train
+    monkeypatch.setattr(Trainer, "train", lambda self: calls.append(1) or original(self))
+    outcome = run_sweep(load_sweep(grid))
+    assert calls == [] and outcome.computed == [sweep.runs[0].key]
+    with ResultStore.in_dir(tmp_path / "out", readonly=True) as store:
+        (run,) = store.runs()
+    assert run.meta["computed"] == []  # every stage was on disk
+    assert run.swept == {"seed": 3} and run.seed == 3 and "harmful_score/keyword" in run.metrics
+    assert run.meta["versions"]["torch"] and run.meta["peak_rss_mb"] > 0 and run.meta["wall_seconds"] >= 0
+
+
+def test_one_sweep_per_output_folder(tmp_path):
+    with _folder_lock(tmp_path):
+        with pytest.raises(SweepError, match=f"pid {os.getpid()}"):
+            with _folder_lock(tmp_path):
+                pass
+    with _folder_lock(tmp_path):  # released
+        pass
+
+
+# ----------------------------------------------------------------------------------- the database, results, report
+
+
+def _hs(method: str, p: float, seed: int, alpha: float | None = None) -> float:
+    base = {"none": 60, "sft": 40, "vaccine": 20}[method]
+    return base + 100 * p + seed - (50 * alpha if alpha else 0)
+
+
+@pytest.fixture
+def synthetic(tmp_path):
+    """A database as two sweeps would leave it: methods x p x seeds, and an alpha sweep."""
+    out = tmp_path / "runs"
+    with ResultStore.in_dir(out) as store:
+        store.record_sweep("main", "main.yaml", {"axes": [{"fields": ["align.method"]}, {"fields": ["finetune.p"]},
+                                                          {"fields": ["seed"]}]})
+        store.record_sweep("alpha", "alpha.yaml", {"axes": [{"fields": ["repair.params.alpha"]}]})
+        i = 0
+        for method in ("none", "sft", "vaccine"):
+            for p in (0.0, 0.1, 0.2):
+                for seed in (1, 2, 3):
+                    cfg = load_config(overrides=[f"align.method={method}", f"finetune.p={p}", f"seed={seed}"])
+                    rec = RunRecord(f"k{i}", cfg.model_dump(mode="json"), {"align.method": method, "finetune.p": p,
+                                                                           "seed": seed}, seed,
+                                    versions={"torch": "2.13.0"}, git_revision="abc", wall_seconds=1.5,
+                                    peak_rss_mb=100.0 + i)
+                    store.record_run(rec, {"harmful_score/keyword": _hs(method, p, seed),
+                                           "finetune_accuracy/strict": 90 - 10 * p - seed, "seconds": 1.0,
+                                           "note": "not a number"}, sweep="main", position=i)
+                    i += 1
+        for alpha in (0.01, 0.05, 0.1):
+            cfg = load_config(overrides=[f"repair.params={{alpha: {alpha}}}"])
+            rec = RunRecord(f"a{alpha}", cfg.model_dump(mode="json"), {"repair.params.alpha": alpha}, 42)
+            store.record_run(rec, {"harmful_score/keyword": _hs("sft", 0.1, 0, alpha)}, sweep="alpha", position=i)
+            i += 1
+    return out
+
+
+def test_rows_are_one_per_run_and_metric(synthetic):
+    with sqlite3.connect(synthetic / "results.sqlite") as db:
+        assert db.execute("select count(*) from runs").fetchone()[0] == 30
+        # 27 runs x 3 numeric metrics + 3 runs x 1; the text metric is not stored
+        assert db.execute("select count(*) from results").fetchone()[0] == 27 * 3 + 3
+        row = db.execute("select sweeps, seed, git_revision, json_extract(swept_json, '$.\"finetune.p\"') "
+                         "from results where run_key='k4'").fetchone()
+    assert row == ("main", 2, "abc", 0.1)
+
+
+def test_results_mean_std_per_group_filter_and_csv(synthetic, tmp_path):
+    with ResultStore.in_dir(synthetic, readonly=True) as store:
+        runs = rp.select(store.runs("main"), ["finetune.p=0.1"])
+    groups = rp.aggregate(runs, ["align.method"], ["harmful_score/keyword"])
+    assert [g.values for g in groups] == [("none",), ("sft",), ("vaccine",)]
+    vaccine = groups[2].stats["harmful_score/keyword"]
+    assert vaccine.n == 3 and vaccine.mean == pytest.approx(32.0) and vaccine.std == pytest.approx(1.0)
+
+    csv_path = tmp_path / "t.csv"
+    result = CliRunner().invoke(app, ["results", "-o", str(synthetic), "--sweep", "main", "-f", "align.method=vaccine",
+                                      "-g", "finetune.p", "-m", "harmful_score/*", "--csv", str(csv_path)])
+    assert result.exit_code == 0, result.output
+    assert "22.00 ± 1.00" in result.output and "42.00 ± 1.00" in result.output
+    lines = csv_path.read_text().splitlines()
+    assert lines[0] == "finetune.p,n,seeds,harmful_score/keyword mean,harmful_score/keyword std"
+    assert lines[1].split(",")[:3] == ["0", "3", "1 2 3"] or lines[1].split(",")[:3] == ["0.0", "3", "1 2 3"]
+    bad = CliRunner().invoke(app, ["results", "-o", str(tmp_path / "nowhere")])
+    assert bad.exit_code == 2 and "no results database" in bad.output
+
+
+def test_report_draws_only_the_plots_the_data_supports(synthetic, tmp_path):
+    pytest.importorskip("matplotlib")
+    report = rp.build_report(synthetic, tmp_path / "report")
+    names = sorted(p.name for p in report.figures)
+    assert names == ["alpha-hs-vs-repair-params-alpha.png", "main-hs-vs-fa.png", "main-hs-vs-finetune-p.png"]
+    md = report.markdown.read_text()
+    assert "## main" in md and "## alpha" in md
+    assert "![harmful_score/keyword vs finetune.p](main-hs-vs-finetune-p.png)" in md
+    assert "| vaccine | 0.1 | 3 | 1,2,3 | 32.00 ± 1.00 |" in md
+    page = report.html.read_text()
+    assert page.count("data:image/png;base64,") == 3 and "<table>" in page
+    # no learning-rate or epoch axis in this data: no such plot
+    assert not list((tmp_path / "report").glob("*learning*"))
+
+
+def test_report_command_writes_into_out(synthetic, tmp_path):
+    pytest.importorskip("matplotlib")
+    result = CliRunner().invoke(app, ["report", "-o", str(synthetic), "--out", str(tmp_path / "docs"), "-s", "alpha"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "docs" / "report.md").exists() and (tmp_path / "docs" / "report.html").exists()
+    assert [p.name for p in (tmp_path / "docs").glob("*.png")] == ["alpha-hs-vs-repair-params-alpha.png"]
+
+
+def _chromium() -> str | None:
+    return next((shutil.which(c) for c in ("chromium", "chromium-browser", "google-chrome") if shutil.which(c)), None)
+
+
+@pytest.mark.skipif(_chromium() is None, reason="chromium is not installed")
+def test_report_page_renders_in_a_browser(synthetic, tmp_path):
+    """What a user sees: a headless Chromium screenshot of report.html shows the plots, not blank space."""
+    pytest.importorskip("matplotlib")
+    report = rp.build_report(synthetic, tmp_path / "report")
+    shot = tmp_path / "shot.png"
+    cmd = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+           "--hide-scrollbars", "--window-size=1200,2400", f"--screenshot={shot}", report.html.as_uri()]
+    subprocess.run(cmd, capture_output=True, timeout=120)
+    assert shot.exists(), "chromium wrote no screenshot"
+    from matplotlib.image import imread
+
+    pixels = imread(shot)
+    assert pixels.shape[0] >= 2000 and pixels.shape[1] >= 1100
+    # the page is not blank: a good share of non-white pixels (tables, plot lines and axes)
+    non_white = (pixels[..., :3].mean(axis=-1) < 0.9).mean()
+    assert non_white > 0.02
+    # the plots' coloured lines render (matplotlib's default blue, C0 = #1f77b4)
+    blue = ((abs(pixels[..., 0] - 0x1F / 255) < 0.08) & (abs(pixels[..., 1] - 0x77 / 255) < 0.08)
+            & (abs(pixels[..., 2] - 0xB4 / 255) < 0.08)).sum()
+    assert blue > 200
