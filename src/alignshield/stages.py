@@ -129,7 +129,9 @@ def finetune(cfg: RunConfig) -> Path:
             model = attach_lora(merge_adapter(model, adapter) if adapter.exists() else model, ft.lora)
         train_set = _tokenize([e for e, _ in mix], tokenizer, cfg, ft.train.max_length)
         report = {"n": ft.n, "n_harmful": sum(h for _, h in mix), "p": ft.p, "task": ft.task}
-        report |= _train(method, model, train_set, cfg, "finetune", params, work, tokenizer, {})
+        # the alignment pool, for fine-tune-stage defences that use it (EWC's Fisher, Lisa, VLGuard mixing)
+        extra = {"alignment": _tokenize(load_pool(cfg.align.data.safety), tokenizer, cfg, ft.train.max_length)}
+        report |= _train(method, model, train_set, cfg, "finetune", params, work, tokenizer, extra)
         _finish_stage(work, cfg, "finetune", params, report)
     return out
 
@@ -151,7 +153,11 @@ def repair(cfg: RunConfig) -> Path:
         model = load_adapter(base, finetune_dir / ADAPTER_DIR)
         calibration = _tokenize(load_pool(cfg.repair.calibration), tokenizer, cfg, cfg.finetune.train.max_length)
         t0 = time.perf_counter()
-        report = method().repair(model, calibration, params, seed=cfg.seed, pad_token_id=tokenizer.pad_token_id)
+        # methods that read the alignment LoRA (#1) itself, e.g. safelora's alignment subspace
+        context = ({"align_adapter": stage_dirs(cfg)["align"] / ADAPTER_DIR, "topology": cfg.finetune.topology}
+                   if getattr(method, "uses_alignment", False) else {})
+        report = method().repair(model, calibration, params, seed=cfg.seed, pad_token_id=tokenizer.pad_token_id,
+                                 **context)
         report["seconds"] = round(time.perf_counter() - t0, 3)
         if _is_main_process():
             model.save_pretrained(work / ADAPTER_DIR)
