@@ -1,0 +1,109 @@
+"""Safe LoRA: project fine-tune updates onto the alignment subspace (Hsu et al., NeurIPS 2024, arXiv 2405.16833).
+
+For every LoRA module of the fine-tune adapter (two-lora topology: LoRA #2 on top of the merged
+alignment LoRA #1), with its update dW = s * B @ A:
+
+    V = W_aligned - W_base = s1 * B1 @ A1          (the same module's alignment LoRA #1 delta)
+    C = V V^T / ||V||_F                            (the paper's "projection"; out x out)
+    sim = cos(vec(C dW), vec(dW))
+
+Modules with sim < ``threshold`` (or, with ``num_proj_layers`` set, the that-many least similar ones)
+get B <- C @ B, so the stored update is exactly C dW = s (C B) A at the same rank. Modules whose
+alignment LoRA is absent (V undefined) are left as they are and reported.
+
+Deviation: the paper's V is the difference between an aligned chat model and its base (full
+weights); here the aligned model is the base plus our alignment LoRA, so V is that LoRA's delta.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import Field
+
+from alignshield.config import MethodParams
+from alignshield.repair import REPAIR_METHODS
+from alignshield.repair.prune import find_targets
+
+
+class SafeLoRAParams(MethodParams):
+    """Safe LoRA's settings. Reference (IBM/SafeLoRA, ``SafeLoRAConfig``): threshold 0.5 on the
+    cosine similarity, or a fixed number of projected layers (``num_proj_layers``, 10 there)."""
+
+    threshold: float = Field(0.5, ge=-1, le=1)
+    """Project the modules whose cos(C dW, dW) is below this."""
+    num_proj_layers: int | None = Field(None, gt=0)
+    """When set, project exactly the this-many least similar modules instead (threshold ignored)."""
+    target_modules: list[str] | None = None
+    """Substrings of module names to consider; None = every LoRA module of the fine-tune adapter."""
+
+
+def alignment_matrix(v: torch.Tensor) -> torch.Tensor:
+    """C = V V^T / ||V||_F, in float64."""
+    v = v.double()
+    return v @ v.T / torch.linalg.norm(v)
+
+
+def projection_similarity(c: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> float:
+    """cos(vec(C B A), vec(B A)) (the LoRA scale cancels)."""
+    dw = b.double() @ a.double()
+    return float(torch.nn.functional.cosine_similarity((c @ dw).flatten(), dw.flatten(), dim=0))
+
+
+def alignment_deltas(adapter: Path) -> dict[str, torch.Tensor]:
+    """{module name inside the transformers model: s1 * B1 @ A1} of a saved PEFT LoRA adapter."""
+    from safetensors.torch import load_file
+
+    cfg = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+    if cfg.get("use_rslora") or cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+        raise ValueError(f"{adapter}: safelora supports plain LoRA adapters (no rslora / rank_pattern)")
+    scale = cfg["lora_alpha"] / cfg["r"]
+    weights = load_file(str(adapter / "adapter_model.safetensors"))
+    out = {}
+    for key, a in weights.items():
+        if key.endswith(".lora_A.weight"):
+            name = key.removesuffix(".lora_A.weight").removeprefix("base_model.model.")
+            b = weights[key.replace(".lora_A.", ".lora_B.")]
+            out[name] = scale * (b.double() @ a.double())
+    return out
+
+
+@REPAIR_METHODS.register("safelora")
+class SafeLoRA:
+    Params = SafeLoRAParams
+    edits = True
+    uses_alignment = True
+    """The repair stage passes ``align_adapter`` (LoRA #1's folder) and ``topology``."""
+
+    def repair(self, model, calibration, params: SafeLoRAParams, *, seed: int, pad_token_id: int | None = None,
+               align_adapter: Path | None = None, topology: str = "two-lora") -> dict[str, Any]:
+        if topology != "two-lora":
+            raise ValueError("safelora projects the fine-tune LoRA (#2) onto the alignment LoRA (#1): "
+                             "it needs finetune.topology=two-lora")
+        if align_adapter is None or not (Path(align_adapter) / "adapter_config.json").exists():
+            raise ValueError("safelora needs the alignment stage's LoRA adapter (the alignment subspace); "
+                             "align.method trained none")
+        deltas = alignment_deltas(Path(align_adapter))
+        targets, _ = find_targets(model, params.target_modules or [""])
+        sims, skipped = {}, []
+        for t in targets:
+            v = deltas.get(t.name)
+            b, a = t.factor("lora_B").weight, t.factor("lora_A").weight
+            if v is None or v.shape != (b.shape[0], a.shape[1]) or not torch.linalg.norm(v) > 0:
+                skipped.append(t.name)
+                continue
+            sims[t.name] = projection_similarity(alignment_matrix(v), b, a)
+        if params.num_proj_layers is not None:
+            chosen = set(sorted(sims, key=sims.get)[: params.num_proj_layers])
+        else:
+            chosen = {n for n, s in sims.items() if s < params.threshold}
+        with torch.no_grad():
+            for t in targets:
+                if t.name in chosen:
+                    b = t.factor("lora_B").weight
+                    b.copy_((alignment_matrix(deltas[t.name]).to(b.device) @ b.double()).to(b.dtype))
+        return {"projected": sorted(chosen), "n_projected": len(chosen), "n_modules": len(targets),
+                "skipped_no_alignment_lora": skipped, "similarity": {n: round(s, 6) for n, s in sims.items()}}
