@@ -251,7 +251,7 @@ def report_command(
     sweep: Optional[list[str]] = typer.Option(
         None, "--sweep", "-s", help="Only these sweeps (repeatable; default: all)."),
     hs_metric: Optional[str] = typer.Option(
-        None, "--hs", help="Harmful-score metric to plot (default: harmful_score/keyword)."),
+        None, "--hs", help="Harmful-score metric to plot (default: harmful_score/embedded, else harmful_score/keyword)."),
     fa_metric: Optional[str] = typer.Option(
         None, "--fa", help="Accuracy metric to plot (default: finetune_accuracy/strict)."),
     html_page: bool = typer.Option(True, "--html/--no-html", help="Also write a self-contained report.html."),

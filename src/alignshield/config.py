@@ -164,15 +164,19 @@ class FinetuneConfig(StageConfig):
 class RepairConfig(StageConfig):
     _section = "repair"
     method: str = "none"
-    calibration: Pool = Pool(dataset="beavertails_unsafe", start=2200, stop=4200)
+    calibration: Pool = Pool(dataset="beavertails_unsafe", start=2200, stop=2264)
+    """Harmful pairs a repair reads (Antidote's n_r is the smaller of this pool and its n_calibration).
+    The embedded default keeps 64 so that the repair stays within 5 % of its 60-step fine-tune; its
+    mask agrees at 0.975 with the one from 2000 pairs (docs/methods/antidote.md). The paper presets
+    use the paper's 2000: rows [2200, 4200)."""
 
 
 class EvaluateConfig(Strict):
     harmful: Pool = Pool(dataset="beavertails_test", stop=100)
     task_n: int = Field(200, gt=0)
     """Test examples of the fine-tune task (the first task_n of its test split)."""
-    judges: list[str] = ["keyword"]
-    """Harmfulness judges (``alignshield list``); with two or more, every pair's agreement (Cohen's kappa,
+    judges: list[str] = ["embedded", "keyword"]
+    """Harmfulness judges (``alignshield list``); the first one is the headline harmful score. With two or more, every pair's agreement (Cohen's kappa,
     percent) is reported too."""
     judge_options: dict[str, dict[str, Any]] = {}
     """Keyword arguments per judge, e.g. ``{keyword: {min_words: 3}}``."""

@@ -50,7 +50,10 @@ def stage_dirs(cfg: RunConfig) -> dict[str, Path]:
     common = {"seed": cfg.seed, "template": cfg.template, "model": cfg.model.model_dump(mode="json")}
     a = stable_hash(common, cfg.align.model_dump(mode="json"))
     f = stable_hash(a, cfg.finetune.model_dump(mode="json"))
-    r = stable_hash(f, cfg.repair.model_dump(mode="json"))
+    # a repair that edits nothing ("none") leaves the evaluation keyed by the fine-tune alone, so its
+    # unused settings (e.g. the calibration pool) cannot make an identical evaluation look new
+    edits = cfg.repair.method not in REPAIR_METHODS or REPAIR_METHODS.get(cfg.repair.method).edits
+    r = stable_hash(f, cfg.repair.model_dump(mode="json")) if edits else f
     e = stable_hash(r, cfg.evaluate.model_dump(mode="json"))
     return {
         "align": root / "align" / f"{cfg.align.method}-{a}",

@@ -24,7 +24,7 @@ from alignshield.experiments.store import ResultStore, StoredRun
 from alignshield.experiments.sweep import get_dotted
 
 DEFAULT_METRICS = ("harmful_score/*", "finetune_accuracy/*")
-PREFERRED_HS = ("harmful_score/keyword",)
+PREFERRED_HS = ("harmful_score/embedded", "harmful_score/keyword")
 PREFERRED_FA = ("finetune_accuracy/strict", "finetune_accuracy/accuracy")
 
 
