@@ -72,3 +72,14 @@ def test_results_are_reproducible(make_cfg, tmp_path):
     first = stages.stage_dirs(make_cfg())["finetune"] / "adapter" / "adapter_model.safetensors"
     second = stages.stage_dirs(make_cfg(f"output_dir={tmp_path / 'again'}"))["finetune"]
     assert first.read_bytes() == (second / "adapter" / "adapter_model.safetensors").read_bytes()
+
+
+def test_unused_repair_settings_do_not_key_the_evaluation():
+    """With repair.method=none the calibration pool is unused: changing it must not invalidate (or
+    duplicate) a finished evaluation; with a repair that edits the adapter it must."""
+    pool = "repair.calibration={dataset: beavertails_unsafe, start: 2200, stop: 2300}"
+    plain = stages.stage_dirs(load_config(overrides=["repair.method=none"]))["evaluate"]
+    assert stages.stage_dirs(load_config(overrides=["repair.method=none", pool]))["evaluate"] == plain
+    repaired = stages.stage_dirs(load_config(overrides=["repair.method=antidote"]))["evaluate"]
+    assert repaired != plain
+    assert stages.stage_dirs(load_config(overrides=["repair.method=antidote", pool]))["evaluate"] != repaired
