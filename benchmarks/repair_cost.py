@@ -198,7 +198,7 @@ def worker_stability(spec: dict) -> dict:
     pool = load_pool(cfg.repair.calibration)
     calibration = [tokenize_pair(tokenizer, e, cfg.template, cfg.finetune.train.max_length) for e in pool]
     full = min(params.n_calibration, len(calibration))
-    checkpoints = sorted({n for n in (16, 32, 64, 128, 256, 512, 1000) if n < full} | {full})
+    checkpoints = sorted({n for n in (16, 32, 48, 64, 128, 256, 512, 1000) if n < full} | {full})
     targets, _ = find_targets(model, params.target_modules)
     modules = {(t.name, w): t.factor(w) for t in targets for w in ("lora_A", "lora_B")}
     weights = {key: m.weight.detach().clone() for key, m in modules.items()}

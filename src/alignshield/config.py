@@ -164,10 +164,10 @@ class FinetuneConfig(StageConfig):
 class RepairConfig(StageConfig):
     _section = "repair"
     method: str = "none"
-    calibration: Pool = Pool(dataset="beavertails_unsafe", start=2200, stop=2264)
+    calibration: Pool = Pool(dataset="beavertails_unsafe", start=2200, stop=2248)
     """Harmful pairs a repair reads (Antidote's n_r is the smaller of this pool and its n_calibration).
-    The embedded default keeps 64 so that the repair stays within 5 % of its 60-step fine-tune; its
-    mask agrees at 0.975 with the one from 2000 pairs (docs/methods/antidote.md). The paper presets
+    The embedded default keeps 48 so that the repair stays within 5 % of its 60-step fine-tune; its
+    mask agrees at about 0.97 with the one from 2000 pairs (docs/methods/antidote.md). The paper presets
     use the paper's 2000: rows [2200, 4200)."""
 
 
