@@ -176,8 +176,8 @@ class EvaluateConfig(Strict):
     task_n: int = Field(200, gt=0)
     """Test examples of the fine-tune task (the first task_n of its test split)."""
     judges: list[str] = ["embedded", "keyword"]
-    """Harmfulness judges (``alignshield list``); the first one is the headline harmful score. With two or more, every pair's agreement (Cohen's kappa,
-    percent) is reported too."""
+    """Harmfulness judges (``alignshield list``); the first one gives the headline harmful score. With two
+    or more, every pair's agreement (Cohen's kappa, percent) is reported too."""
     judge_options: dict[str, dict[str, Any]] = {}
     """Keyword arguments per judge, e.g. ``{keyword: {min_words: 3}}``."""
     max_new_tokens: int = Field(48, gt=0)
