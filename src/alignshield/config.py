@@ -167,8 +167,8 @@ class RepairConfig(StageConfig):
     calibration: Pool = Pool(dataset="beavertails_unsafe", start=2200, stop=2248)
     """Harmful pairs a repair reads (Antidote's n_r is the smaller of this pool and its n_calibration).
     The embedded default keeps 48 so that the repair stays within 5 % of its 60-step fine-tune; with
-    16 / 64 pairs the mask agreed at 0.956 / 0.975 with the one from 2000 (docs/methods/antidote.md). The paper presets
-    use the paper's 2000: rows [2200, 4200)."""
+    16 / 64 pairs the mask agreed at 0.956 / 0.975 with the one from 2000 (docs/methods/antidote.md).
+    The paper presets use the paper's 2000: rows [2200, 4200)."""
 
 
 class EvaluateConfig(Strict):
