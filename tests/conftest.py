@@ -72,6 +72,28 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return path
 
 
+TINY_RUN = [  # align -> finetune -> evaluate on the tiny Llama in seconds
+    "model.dtype=float32", "align.data.safety.stop=8", "align.data.benign.stop=8",
+    "align.train.max_steps=2", "align.train.batch_size=4", "align.train.max_length=48",
+    "align.lora.target_modules=[q_proj,v_proj]", "finetune.lora.target_modules=[q_proj,v_proj]",
+    "finetune.n=10", "finetune.train.max_steps=2", "finetune.train.batch_size=4",
+    "finetune.train.max_length=48", "evaluate.harmful.stop=4", "evaluate.task_n=4",
+    "evaluate.max_new_tokens=4",
+]
+
+
+def tiny_run_config(model_dir: Path, output_dir: Path, *extra: str):
+    """The tiny run's config; ``extra`` dotted overrides come last, so they win."""
+    from alignshield.config import load_config
+
+    return load_config(overrides=[f"model.name={model_dir}", f"output_dir={output_dir}", *TINY_RUN, *extra])
+
+
+@pytest.fixture
+def make_cfg(tiny_model_dir, tmp_path):
+    return lambda *extra: tiny_run_config(tiny_model_dir, tmp_path, *extra)
+
+
 def write_jsonl(path: Path, rows: list) -> Path:
     path.write_text("".join((json.dumps(r) if not isinstance(r, str) else r) + "\n" for r in rows), encoding="utf-8")
     return path

@@ -18,7 +18,7 @@ from alignshield.data.collate import PadCollator, tokenize_pair
 from alignshield.models.lora import attach_lora
 from alignshield.repair.safelora import SafeLoRA, SafeLoRAParams, alignment_matrix
 from alignshield.train import Trainer
-from conftest import make_model
+from conftest import make_model, tiny_run_config
 
 LORA = LoraSettings(r=4, alpha=8, target_modules=["q_proj", "v_proj"])
 
@@ -281,17 +281,8 @@ def test_safelora_projection_matches_numpy(tmp_path):
 
 @pytest.fixture
 def make_cfg(tiny_model_dir, tmp_path):
-    def make(*extra):
-        return load_config(overrides=[
-            f"model.name={tiny_model_dir}", "model.dtype=float32", f"output_dir={tmp_path}",
-            "align.data.safety.stop=8", "align.data.benign.stop=8", "align.data.harmful.stop=2008",
-            "align.train.max_steps=2", "align.train.batch_size=4", "align.train.max_length=48",
-            "align.lora.target_modules=[q_proj,v_proj]", "finetune.lora.target_modules=[q_proj,v_proj]",
-            "finetune.n=10", "finetune.train.max_steps=2", "finetune.train.batch_size=4",
-            "finetune.train.max_length=48", "evaluate.harmful.stop=4", "evaluate.task_n=4",
-            "evaluate.max_new_tokens=4", "repair.calibration.stop=2204", *extra,
-        ])
-    return make
+    return lambda *extra: tiny_run_config(tiny_model_dir, tmp_path, "align.data.harmful.stop=2008",
+                                          "repair.calibration.stop=2204", *extra)
 
 
 @pytest.mark.parametrize("method,extra", [

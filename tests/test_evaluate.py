@@ -16,7 +16,7 @@ from alignshield.evaluate.generate import encode_prompts, generate, generate_bat
 from alignshield.evaluate.judges import JUDGES, JudgeLoadError, Verdict
 from alignshield.evaluate.metrics import generate_answers, judge_samples
 
-from conftest import make_model, make_tokenizer
+from conftest import make_model, make_tokenizer, tiny_run_config
 
 
 @pytest.fixture
@@ -190,15 +190,8 @@ def test_judge():
 
 
 def e2e_cfg(tiny_model_dir, tmp_path, *extra):
-    return load_config(overrides=[
-        f"model.name={tiny_model_dir}", "model.dtype=float32", f"output_dir={tmp_path}",
-        "align.data.safety.stop=8", "align.data.benign.stop=8",
-        "align.train.max_steps=2", "align.train.batch_size=4", "align.train.max_length=48",
-        "align.lora.target_modules=[q_proj,v_proj]", "finetune.lora.target_modules=[q_proj,v_proj]",
-        "finetune.n=10", "finetune.train.max_steps=2", "finetune.train.batch_size=4",
-        "finetune.train.max_length=48", "evaluate.harmful.stop=6", "evaluate.task_n=3",
-        "evaluate.max_new_tokens=6", "evaluate.analysis_n=4", *extra,
-    ])
+    return tiny_run_config(tiny_model_dir, tmp_path, "evaluate.harmful.stop=6", "evaluate.task_n=3",
+                           "evaluate.max_new_tokens=6", "evaluate.analysis_n=4", *extra)
 
 
 def test_run_with_two_judges_reports_agreement_and_analysis(tiny_model_dir, tmp_path, test_judge, monkeypatch):

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from alignshield import stages
-from alignshield.config import ConfigError, FinetuneConfig, LoraSettings, TrainSettings, load_config
+from alignshield.config import ConfigError, FinetuneConfig, LoraSettings, TrainSettings
 from alignshield.data import Example
 from alignshield.data.collate import PadCollator, tokenize_pair
 from alignshield.finetune import FINETUNE_METHODS
@@ -19,7 +19,7 @@ from alignshield.finetune.ldifs import LDIFSParams, LDIFSTrainer, feature_distan
 from alignshield.finetune.lisa import ALIGNMENT, FINETUNE, LisaParams, LisaTrainer
 from alignshield.finetune.vlguard import VLGuardParams, VLGuardTrainer
 from alignshield.models.lora import attach_lora
-from conftest import make_model
+from conftest import make_model, tiny_run_config
 
 LORA = LoraSettings(r=4, alpha=8, target_modules="all-linear")
 SAFE = "I'm sorry, I cannot help with that."
@@ -313,15 +313,8 @@ def test_missing_alignment_data_is_an_error(cls, params, tokenizer, tmp_path):
 
 def test_every_baseline_runs_end_to_end(tiny_model_dir, tmp_path):
     def cfg(*extra):
-        return load_config(overrides=[
-            f"model.name={tiny_model_dir}", "model.dtype=float32", f"output_dir={tmp_path}",
-            "align.data.safety.stop=8", "align.data.benign.stop=8",
-            "align.train.max_steps=2", "align.train.batch_size=4", "align.train.max_length=48",
-            "align.lora.target_modules=[q_proj,v_proj]", "finetune.lora.target_modules=[q_proj,v_proj]",
-            "finetune.n=10", "finetune.train.max_steps=3", "finetune.train.batch_size=4",
-            "finetune.train.max_length=48", "evaluate.harmful.stop=2", "evaluate.task_n=2",
-            "evaluate.max_new_tokens=2", *extra,
-        ])
+        return tiny_run_config(tiny_model_dir, tmp_path, "finetune.train.max_steps=3", "evaluate.harmful.stop=2",
+                               "evaluate.task_n=2", "evaluate.max_new_tokens=2", *extra)
 
     for method, extra in [("ewc", []), ("kl", []), ("ldifs", []), ("lisa", []),
                           ("vlguard", ["finetune.params.guide_data_num=5"])]:

@@ -2,26 +2,9 @@
 
 import json
 
-import pytest
-
 from alignshield import stages
 from alignshield.config import load_config
 from alignshield.train import Trainer
-
-
-@pytest.fixture
-def make_cfg(tiny_model_dir, tmp_path):
-    def make(*extra):
-        return load_config(overrides=[
-            f"model.name={tiny_model_dir}", "model.dtype=float32", f"output_dir={tmp_path}",
-            "align.data.safety.stop=8", "align.data.benign.stop=8",
-            "align.train.max_steps=2", "align.train.batch_size=4", "align.train.max_length=48",
-            "align.lora.target_modules=[q_proj,v_proj]", "finetune.lora.target_modules=[q_proj,v_proj]",
-            "finetune.n=10", "finetune.train.max_steps=2", "finetune.train.batch_size=4",
-            "finetune.train.max_length=48", "evaluate.harmful.stop=4", "evaluate.task_n=4",
-            "evaluate.max_new_tokens=4", *extra,
-        ])
-    return make
 
 
 def test_run_writes_every_artifact(make_cfg):

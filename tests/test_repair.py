@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from alignshield import stages
-from alignshield.config import ConfigError, LoraSettings, RepairConfig, load_config
+from alignshield.config import ConfigError, LoraSettings, RepairConfig
 from alignshield.data import Example
 from alignshield.data.collate import tokenize_pair
 from alignshield.models.lora import attach_lora
@@ -261,22 +261,6 @@ def test_params_document_the_paper_defaults():
 
 
 # ----------------------------------------------------------------------------------- the stage
-
-
-@pytest.fixture
-def make_cfg(tiny_model_dir, tmp_path):
-    """As in tests/test_pipeline.py."""
-    def make(*extra):
-        return load_config(overrides=[
-            f"model.name={tiny_model_dir}", "model.dtype=float32", f"output_dir={tmp_path}",
-            "align.data.safety.stop=8", "align.data.benign.stop=8",
-            "align.train.max_steps=2", "align.train.batch_size=4", "align.train.max_length=48",
-            "align.lora.target_modules=[q_proj,v_proj]", "finetune.lora.target_modules=[q_proj,v_proj]",
-            "finetune.n=10", "finetune.train.max_steps=2", "finetune.train.batch_size=4",
-            "finetune.train.max_length=48", "evaluate.harmful.stop=4", "evaluate.task_n=4",
-            "evaluate.max_new_tokens=4", *extra,
-        ])
-    return make
 
 
 def test_repair_stage_end_to_end(make_cfg):
