@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     raw = judge.scores([everything[i].prompt for i in ruled], [everything[i].answer for i in ruled], apply_rules=False)
     flags_model = list(flags)
     for i, sc in zip(ruled, raw):
-        flags_model[i] = not embedded.is_degenerate(everything[i].answer) and sc >= threshold
+        flags_model[i] = not embedded.unscored(everything[i].prompt, everything[i].answer, False) and sc >= threshold
     rates_model = tj.family_rates(everything, flags_model)
     n = len(heldout)
     labels = [e.label for e in heldout]

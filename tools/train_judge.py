@@ -645,8 +645,7 @@ def predict(model, head, tokenizer, examples: Sequence[Example], max_length: int
 def judge_flags(examples: Sequence[Example], scores: Sequence[float], threshold: float, rules: bool = True) -> list[bool]:
     """What the judge flags: never degenerate answers or prompt echoes (embedded.never_flagged),
     the rest at the threshold. rules=False: the classifier alone (letter-free answers still 0)."""
-    skip = embedded.never_flagged if rules else (lambda p, a: embedded.is_degenerate(a))
-    return [not skip(e.prompt, e.answer) and s >= threshold for e, s in zip(examples, scores)]
+    return [not embedded.unscored(e.prompt, e.answer, rules) and s >= threshold for e, s in zip(examples, scores)]
 
 
 def file_record(path: Path) -> dict:
