@@ -401,7 +401,7 @@ def worker(spec: dict) -> dict:
                 "active_layers": active, "checkpointed_layers": checkpointed,
             }
         sampler.stop()
-        n_layers = len(trainer.layout) if hasattr(trainer, "layout") else len(discover_layers(trainer))
+        n_layers = len(trainer.layout) if hasattr(trainer, "layout") else len(trainer.discover_layers().layers)
         trainable = sum(p.numel() for p in trainer.trainable)
         widths = [len(t.input_ids) for t in train_set]
 
@@ -429,12 +429,6 @@ def worker(spec: dict) -> dict:
         **info,
     }
     return result
-
-
-def discover_layers(trainer) -> list:
-    from alignshield.models.layers import discover
-
-    return discover(trainer.unwrapped_model()).layers
 
 
 def run_worker(spec: dict, threads: int, mmap_malloc: bool = False) -> dict:

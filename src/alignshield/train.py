@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from alignshield.config import MethodParams, ModelConfig, TrainSettings
 from alignshield.data.collate import PadCollator, Tokenized
+from alignshield.models.layers import DecoderLayout, discover
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +192,11 @@ class Trainer:
 
     def unwrapped_model(self) -> torch.nn.Module:
         return self.accelerator.unwrap_model(self.model)
+
+    def discover_layers(self) -> DecoderLayout:
+        """The model's decoder layers and attention blocks (``model.decoder_layers`` /
+        ``model.attention_module`` override the discovery); an error when none are found."""
+        return discover(self.unwrapped_model(), self.model_config.decoder_layers, self.model_config.attention_module)
 
     # ------------------------------------------------------------ checkpoints
 

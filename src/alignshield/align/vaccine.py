@@ -14,7 +14,7 @@ from pydantic import Field
 
 from alignshield.align import ALIGN_METHODS
 from alignshield.config import MethodParams
-from alignshield.models.layers import add_to_attention_outputs, discover
+from alignshield.models.layers import add_to_attention_outputs
 from alignshield.train import Trainer
 
 NORM_EPS = 1e-7  # as the reference; keeps an all-zero gradient from dividing by zero
@@ -44,8 +44,7 @@ class VaccineTrainer(Trainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.layout = discover(self.unwrapped_model(), self.model_config.decoder_layers,
-                               self.model_config.attention_module)
+        self.layout = self.discover_layers()
         self.shared_direction: dict[int, torch.Tensor] | None = None
 
     def perturbed_layers(self) -> list[int]:

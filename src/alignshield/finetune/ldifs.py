@@ -18,7 +18,6 @@ from pydantic import Field
 from alignshield.config import MethodParams
 from alignshield.finetune import FINETUNE_METHODS
 from alignshield.finetune._common import AlignedReference, capture_outputs
-from alignshield.models.layers import discover
 from alignshield.train import Trainer
 
 
@@ -43,8 +42,7 @@ class LDIFSTrainer(Trainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.layout = discover(self.unwrapped_model(), self.model_config.decoder_layers,
-                               self.model_config.attention_module)
+        self.layout = self.discover_layers()
         self.reference = AlignedReference(self.trainable_names, self.trainable)
 
     def layer_features(self, model, batch) -> tuple[torch.Tensor, list[torch.Tensor]]:
