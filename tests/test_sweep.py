@@ -10,6 +10,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from alignshield.cli import app
 from alignshield.config import PRESETS_DIR, ConfigError, load_config
 from alignshield.experiments import report as rp
 from alignshield.experiments.store import ResultStore, RunRecord
-from alignshield.experiments.sweep import GRIDS_DIR, SweepError, _folder_lock, expand, load_sweep, run_sweep
+from alignshield.experiments.sweep import GRIDS_DIR, expand, load_sweep, restrict, run_sweep
 from alignshield.train import Trainer
 
 SRC = Path(__file__).resolve().parent.parent / "src"
@@ -248,13 +249,64 @@ def test_a_run_finished_but_not_recorded_is_recorded_without_recompute(tmp_path,
     assert run.meta["versions"]["torch"] and run.meta["peak_rss_mb"] > 0 and run.meta["wall_seconds"] >= 0
 
 
-def test_one_sweep_per_output_folder(tmp_path):
-    with _folder_lock(tmp_path):
-        with pytest.raises(SweepError, match=f"pid {os.getpid()}"):
-            with _folder_lock(tmp_path):
-                pass
-    with _folder_lock(tmp_path):  # released
-        pass
+def test_where_selects_runs_keeping_grid_positions(tmp_path):
+    grid = {"grid": {"seed": [1, 2], "finetune.p": [0.0, 0.1]}}
+    sweep = expand(grid)
+    part = restrict(sweep, ["seed=2", "finetune.p=0.1"])
+    assert [r.position for r in part.runs] == [3] and part.runs[0].key == sweep.runs[3].key
+    assert [r.position for r in restrict(sweep, ["finetune.p=0"]).runs] == [0, 2]
+    assert part.spec()["runs"] == 4  # the database records the grid, not the slice
+    with pytest.raises(ConfigError, match="no run of sweep"):
+        restrict(sweep, ["seed=7"])
+    with pytest.raises(ConfigError, match="field=value"):
+        restrict(sweep, ["seed"])
+
+
+def test_a_stage_being_built_is_waited_for_then_reused(tmp_path):
+    out = tmp_path / "align" / "sft-0123"
+    building, results = threading.Event(), []
+
+    def first():
+        with stages._stage_output(out) as work:
+            building.set()
+            time.sleep(0.5)  # the second caller arrives meanwhile and must wait
+            (work / "adapter").write_text("built once")
+            results.append(("first", work))
+
+    def second():
+        building.wait()
+        with stages._stage_output(out) as work:
+            results.append(("second", work))
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    with stages.recording_builds() as built:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert [who for who, _ in results] == ["first", "second"]
+    assert results[1][1] is None  # found finished: nothing to build
+    assert (out / "adapter").read_text() == "built once" and built == [out]
+    assert not out.with_name(out.name + ".partial").exists()
+
+
+def test_two_sweeps_into_one_folder_share_stages(tmp_path, tiny_model_dir):
+    """Two real processes, each a slice of one grid; the alignment they share is trained once."""
+    out = tmp_path / "out"
+    grid = write_grid(tmp_path / "g.yaml", tiny_model_dir, out, {"finetune.p": [0.0, 0.5]})
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]))
+    procs = [subprocess.Popen([sys.executable, "-m", "alignshield.cli", "sweep", str(grid), "--where", f"finetune.p={p}"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+             for p in (0.0, 0.5)]
+    logs = [proc.communicate(timeout=300)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], "\n".join(logs)[-3000:]
+    with ResultStore.in_dir(out, readonly=True) as store:
+        runs = store.runs("g")
+    assert sorted(r.config["finetune"]["p"] for r in runs) == [0.0, 0.5]
+    computed = [stage for r in runs for stage in r.meta["computed"]]
+    assert sorted(computed) == ["align", "evaluate", "evaluate", "finetune", "finetune"]
+    assert len(list((out / "align").iterdir())) == 1 and not list(out.rglob("*.partial"))
 
 
 # ----------------------------------------------------------------------------------- the database, results, report

@@ -156,6 +156,9 @@ def sweep_command(
     dry_run: bool = typer.Option(False, "--dry-run", help="List the runs and which stages are done; compute nothing."),
     keep_going: bool = typer.Option(
         False, "--keep-going", help="Report a failed run and go on with the others (exit code 1 at the end)."),
+    where: Optional[list[str]] = typer.Option(
+        None, "--where", "-w", help="Only the runs with this field=value (repeatable), e.g. seed=1. Sweeps over "
+        "different slices can run at once into one output folder: shared stages are built once."),
 ) -> None:
     """Run every point of a grid (cartesian product + zipped axes); stages are shared, finished work reused."""
     from alignshield.experiments import sweep as sw
@@ -164,16 +167,16 @@ def sweep_command(
         if quick and preset:
             raise ConfigError("--quick and --preset are exclusive (--quick is --preset quick)")
         plan = sw.load_sweep(grid, preset="quick" if quick else preset, files=config or [], overrides=overrides or [])
+        if where:
+            plan = sw.restrict(plan, where)
         console.print(f"sweep {plan.name}: {len(plan.runs)} runs in {plan.output_dir}"
+                      + (f" (of {plan.spec()['runs']}: {' '.join(where)})" if where else "")
                       + (f" ({len(plan.duplicates)} duplicate grid points merged)" if plan.duplicates else ""))
         if dry_run:
             sw.validate(plan)
             _print_plan(plan, sw.status(plan))
             return
-        try:
-            outcome = sw.run_sweep(plan, keep_going=keep_going, echo=console.print)
-        except sw.SweepError as err:
-            raise ConfigError(str(err)) from None
+        outcome = sw.run_sweep(plan, keep_going=keep_going, echo=console.print)
         console.print(f"sweep {plan.name}: {len(outcome.computed)} computed, {len(outcome.cached)} already done, "
                       f"{len(outcome.failed)} failed, {outcome.seconds:.0f} s; results in "
                       f"{plan.output_dir / 'results.sqlite'} (alignshield results -o {plan.output_dir})")

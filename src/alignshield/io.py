@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -48,3 +49,17 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     if final.exists():
         shutil.rmtree(final)
     os.replace(scratch, final)
+
+
+@contextmanager
+def held_lock(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``path`` (created if missing), waiting for it if another
+    process holds it. The kernel drops the lock when its holder dies, even by ``kill -9``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

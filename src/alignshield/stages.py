@@ -15,7 +15,7 @@ import os
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from alignshield.align import ALIGN_METHODS
 from alignshield.config import RunConfig, dump_yaml, stable_hash
@@ -24,7 +24,7 @@ from alignshield.data.mix import build_mix
 from alignshield.data.pools import Example, check_disjoint, load_pool
 from alignshield.evaluate.judges import JUDGES
 from alignshield.finetune import FINETUNE_METHODS
-from alignshield.io import atomic_dir, write_json_atomic, write_jsonl_atomic, write_text_atomic
+from alignshield.io import atomic_dir, held_lock, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from alignshield.models.lora import ADAPTER_DIR, attach_lora, load_adapter, merge_adapter
 from alignshield.repair import REPAIR_METHODS
 from alignshield.tasks import TASKS
@@ -93,6 +93,8 @@ def align(cfg: RunConfig) -> Path:
     method = ALIGN_METHODS.get(cfg.align.method)
     params = cfg.align.resolved_params(ALIGN_METHODS)
     with _stage_output(out) as work:
+        if work is None:  # another process built it while this one waited
+            return out
         report: dict[str, Any] = {"trained": method.trains}
         if method.trains:
             examples = load_pool(cfg.align.data.safety)
@@ -121,6 +123,8 @@ def finetune(cfg: RunConfig) -> Path:
     task = TASKS.get(ft.task)
     mix = build_mix(task.examples("train"), load_pool(ft.harmful), ft.n, ft.p, cfg.seed, ft.with_replacement)
     with _stage_output(out) as work:
+        if work is None:  # another process built it while this one waited
+            return out
         if _is_main_process():
             write_jsonl_atomic(work / "mix.jsonl", [{"harmful": h, "prompt": e.prompt, "input": e.input,
                                                      "response": e.response} for e, h in mix])
@@ -152,6 +156,8 @@ def repair(cfg: RunConfig) -> Path:
     validate(cfg)
     params = cfg.repair.resolved_params(REPAIR_METHODS)
     with _stage_output(out) as work:
+        if work is None:  # another process built it while this one waited
+            return out
         base, tokenizer = _aligned_base(cfg)
         model = load_adapter(base, finetune_dir / ADAPTER_DIR)
         calibration = _tokenize(load_pool(cfg.repair.calibration), tokenizer, cfg, cfg.finetune.train.max_length)
@@ -175,9 +181,7 @@ def evaluate(cfg: RunConfig) -> dict[str, Any]:
     judge are loaded one after another, never together. Generated answers are saved in the scratch
     folder before the judges run, so a judge that fails to load does not cost the generation again.
     """
-    from alignshield.evaluate.drift import analysis_metrics, reference_states
     from alignshield.evaluate.judges import check_options
-    from alignshield.evaluate.metrics import generate_answers, judge_samples, ordered
 
     for name in cfg.evaluate.judges:  # a typo in judge options must not cost a training run first
         check_options(name, cfg.evaluate.judge_options.get(name))
@@ -188,39 +192,48 @@ def evaluate(cfg: RunConfig) -> dict[str, Any]:
         cfg = resolve(cfg)
         validate(cfg)
         with _stage_output(out) as work:
-            t0 = time.perf_counter()
-            generated = work / GENERATED_FILE
-            if generated.exists():
-                saved = json.loads(generated.read_text(encoding="utf-8"))
-                metrics, samples, spent = saved["metrics"], saved["samples"], saved["seconds"]
-            else:
-                reference = None
-                if "harmful_embedding_drift" in cfg.evaluate.metrics:
-                    aligned, tokenizer = _aligned_model(cfg)
-                    reference = reference_states(aligned, tokenizer, cfg)
-                    del aligned
-                    _release_memory()
-                base, tokenizer = _aligned_base(cfg)
-                model = merge_adapter(base, final_dir / ADAPTER_DIR)
-                metrics, samples = generate_answers(model, tokenizer, cfg)
-                metrics |= analysis_metrics(model, tokenizer, cfg, reference)
-                del base, model, reference
-                _release_memory()
-                spent = time.perf_counter() - t0
-                if _is_main_process():
-                    write_json_atomic(generated, {"metrics": metrics, "samples": samples, "seconds": spent})
-                t0 = time.perf_counter()
-            metrics |= judge_samples(samples, cfg)
-            metrics = ordered(metrics)
-            metrics["seconds"] = round(spent + time.perf_counter() - t0, 2)
-            if _is_main_process():  # DDP: every rank evaluated; rank 0 writes
-                write_jsonl_atomic(work / "samples.jsonl", samples)
-                write_json_atomic(work / "stages.json", {k: str(v) for k, v in dirs.items()
-                                                         if k != "repair" or REPAIR_METHODS.get(cfg.repair.method).edits})
-                _finish_stage(work, cfg, "evaluate", None, {})
-                write_json_atomic(work / "metrics.json", metrics)
-                generated.unlink()
+            if work is not None:
+                _evaluate_into(work, cfg, final_dir, dirs)
     return json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+
+
+def _evaluate_into(work: Path, cfg: RunConfig, final_dir: Path, dirs: dict[str, Path]) -> None:
+    """Generate (or reload the answers saved by an interrupted attempt), judge, write the metrics."""
+    from alignshield.evaluate.drift import analysis_metrics, reference_states
+    from alignshield.evaluate.metrics import generate_answers, judge_samples, ordered
+
+    t0 = time.perf_counter()
+    generated = work / GENERATED_FILE
+    if generated.exists():
+        saved = json.loads(generated.read_text(encoding="utf-8"))
+        metrics, samples, spent = saved["metrics"], saved["samples"], saved["seconds"]
+    else:
+        reference = None
+        if "harmful_embedding_drift" in cfg.evaluate.metrics:
+            aligned, tokenizer = _aligned_model(cfg)
+            reference = reference_states(aligned, tokenizer, cfg)
+            del aligned
+            _release_memory()
+        base, tokenizer = _aligned_base(cfg)
+        model = merge_adapter(base, final_dir / ADAPTER_DIR)
+        metrics, samples = generate_answers(model, tokenizer, cfg)
+        metrics |= analysis_metrics(model, tokenizer, cfg, reference)
+        del base, model, reference
+        _release_memory()
+        spent = time.perf_counter() - t0
+        if _is_main_process():
+            write_json_atomic(generated, {"metrics": metrics, "samples": samples, "seconds": spent})
+        t0 = time.perf_counter()
+    metrics |= judge_samples(samples, cfg)
+    metrics = ordered(metrics)
+    metrics["seconds"] = round(spent + time.perf_counter() - t0, 2)
+    if _is_main_process():  # DDP: every rank evaluated; rank 0 writes
+        write_jsonl_atomic(work / "samples.jsonl", samples)
+        write_json_atomic(work / "stages.json", {k: str(v) for k, v in dirs.items()
+                                                 if k != "repair" or REPAIR_METHODS.get(cfg.repair.method).edits})
+        _finish_stage(work, cfg, "evaluate", None, {})
+        write_json_atomic(work / "metrics.json", metrics)
+        generated.unlink()
 
 
 def run(cfg: RunConfig) -> dict[str, Any]:
@@ -323,24 +336,52 @@ def _is_main_process() -> bool:
     return not _is_distributed() or _distributed_state().is_main_process
 
 
+_built: list[Path] | None = None
+
+
+@contextmanager
+def recording_builds() -> Iterator[list[Path]]:
+    """Collects the stage folders this process builds inside the block (reused ones are not listed)."""
+    global _built
+    outer, _built = _built, []
+    try:
+        yield _built
+    finally:
+        _built = outer
+
+
 @contextmanager
 def _stage_output(out: Path):
-    """``io.atomic_dir`` for one process or many: every rank gets the same ``<out>.partial`` folder
-    (training checkpoints there and resumes from it); rank 0 alone renames it to ``out``, after
-    every rank is done with it, and no rank leaves before ``out`` is in place."""
-    if not _is_distributed():
-        with atomic_dir(out) as work:
-            yield work
-        return
-    state = _distributed_state()
-    if state.is_main_process:
-        with atomic_dir(out) as work:
-            state.wait_for_everyone()  # the scratch folder exists
-            yield work
-            state.wait_for_everyone()  # every rank is done with it
-        state.wait_for_everyone()  # renamed into place
-    else:
-        state.wait_for_everyone()
-        yield out.with_name(out.name + ".partial")  # io.atomic_dir's scratch name
-        state.wait_for_everyone()
-        state.wait_for_everyone()
+    """``io.atomic_dir`` under a lock on ``out``, for one process or many. Yields the scratch folder,
+    or None when ``out`` was finished by another process while this one waited: then use it.
+
+    The lock (a file in ``<output_dir>/.locks``) lets several sweeps share an output folder: the
+    second to reach a stage waits for the first and reuses its folder instead of building into the
+    same scratch folder. Under DDP rank 0 holds it for all ranks: every rank gets the same
+    ``<out>.partial`` folder (training checkpoints there and resumes from it); rank 0 alone renames it
+    to ``out``, after every rank is done with it, and no rank leaves before ``out`` is in place."""
+    state = _distributed_state() if _is_distributed() else None
+    main = state is None or state.is_main_process
+    lock = out.parent.parent / ".locks" / out.parent.name / out.name  # <output_dir>/.locks/<stage>/<name>
+    with held_lock(lock) if main else nullcontext():
+        if state is not None:
+            state.wait_for_everyone()  # every rank looks at ``out`` while rank 0 holds the lock
+        if out.exists():
+            yield None
+            return
+        if state is None:
+            with atomic_dir(out) as work:
+                yield work
+        elif main:
+            with atomic_dir(out) as work:
+                state.wait_for_everyone()  # the scratch folder exists
+                yield work
+                state.wait_for_everyone()  # every rank is done with it
+            state.wait_for_everyone()  # renamed into place
+        else:
+            state.wait_for_everyone()
+            yield out.with_name(out.name + ".partial")  # io.atomic_dir's scratch name
+            state.wait_for_everyone()
+            state.wait_for_everyone()
+        if _built is not None:
+            _built.append(out)

@@ -21,7 +21,7 @@ from typing import Any, Iterable
 import yaml
 
 from alignshield.experiments.store import ResultStore, StoredRun
-from alignshield.experiments.sweep import get_dotted
+from alignshield.experiments.sweep import get_dotted, matches, parse_filters
 
 DEFAULT_METRICS = ("harmful_score/*", "finetune_accuracy/*")
 PREFERRED_HS = ("harmful_score/embedded", "harmful_score/keyword")
@@ -49,31 +49,10 @@ def field_value(run: StoredRun, name: str) -> Any:
     return get_dotted(run.config, name)
 
 
-def parse_filters(filters: Iterable[str]) -> list[tuple[str, Any, str]]:
-    out = []
-    for item in filters:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ReportError(f"filter {item!r} must look like field=value, e.g. align.method=vaccine")
-        out.append((key.strip(), yaml.safe_load(raw) if raw.strip() else "", raw.strip()))
-    return out
-
-
 def select(runs: list[StoredRun], filters: Iterable[str]) -> list[StoredRun]:
     """Runs whose fields equal every ``field=value`` (typed as YAML, or compared as text)."""
     parsed = parse_filters(filters)
-    return [r for r in runs if all(_equal(field_value(r, k), v, raw) for k, v, raw in parsed)]
-
-
-def _equal(actual: Any, wanted: Any, raw: str) -> bool:
-    if actual == wanted:
-        return True
-    if isinstance(actual, (int, float)) and not isinstance(actual, bool):
-        try:
-            return math.isclose(float(actual), float(raw), rel_tol=1e-9)
-        except ValueError:
-            return False
-    return str(actual) == raw
+    return [r for r in runs if all(matches(field_value(r, k), v, raw) for k, v, raw in parsed)]
 
 
 def metric_names(runs: list[StoredRun], patterns: Iterable[str] | None = None) -> list[str]:

@@ -28,21 +28,21 @@ already in the results database (``store``) with its evaluation folder on disk i
 from __future__ import annotations
 
 import copy
-import fcntl
 import importlib.metadata
 import itertools
 import json
 import logging
+import math
 import os
 import platform
 import resource
 import subprocess
 import sys
 import time
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import yaml
 from pydantic import ValidationError
@@ -54,12 +54,7 @@ log = logging.getLogger(__name__)
 
 GRIDS_DIR = Path(__file__).resolve().parent.parent / "resources" / "grids"
 TOP_KEYS = ("name", "description", "preset", "config", "overrides", "grid", "zip")
-LOCK_NAME = ".sweep.lock"
 LIBRARIES = ("torch", "transformers", "peft", "accelerate", "alignshield")
-
-
-class SweepError(RuntimeError):
-    """A sweep that cannot start (e.g. another sweep holds the output folder)."""
 
 
 # --------------------------------------------------------------------------------- the grid
@@ -93,6 +88,8 @@ class Sweep:
     runs: list[Run]
     duplicates: list[tuple[int, int]] = field(default_factory=list)
     """(position, position of the identical earlier run) for grid points that are the same run."""
+    where: list[str] = field(default_factory=list)
+    """The ``field=value`` filters that selected ``runs`` from the grid (``restrict``); empty: all."""
 
     @property
     def output_dir(self) -> Path:
@@ -103,8 +100,9 @@ class Sweep:
         return [f for axis in self.axes for f in axis.fields]
 
     def spec(self) -> dict[str, Any]:
+        points = math.prod(len(a.values) for a in self.axes)
         return {"axes": [{"fields": a.fields, "values": [list(v) for v in a.values]} for a in self.axes],
-                "runs": len(self.runs)}
+                "runs": points - len(self.duplicates)}  # the whole grid's, whatever ``where`` selects
 
 
 def known_grids() -> list[str]:
@@ -205,6 +203,46 @@ def expand(
     base_info = {"preset": preset or data.get("preset"), "config": [str(f) for f in all_files],
                  "overrides": {k: v for k, v in pairs}, "output_dir": base["output_dir"]}
     return Sweep(name, str(source) if source else None, base_info, axes, runs, duplicates)
+
+
+def restrict(sweep: Sweep, where: list[str]) -> Sweep:
+    """The runs whose resolved config has every ``field=value`` (e.g. ``seed=1``), keeping their
+    grid positions. Sweeps over different slices of one grid can run at once into the same output
+    folder (one per GPU, say): stages they share are built once, by whichever process gets there first."""
+    filters = parse_filters(where)
+    runs = [r for r in sweep.runs
+            if all(matches(_run_field(r, k), v, raw) for k, v, raw in filters)]
+    if not runs:
+        raise ConfigError(f"--where {' '.join(where)}: no run of sweep {sweep.name} matches "
+                          f"(swept fields: {', '.join(sweep.swept_fields) or 'none'})")
+    return replace(sweep, runs=runs, where=list(where))
+
+
+def _run_field(run: Run, name: str) -> Any:
+    return get_dotted(run.config.model_dump(mode="json"), name)
+
+
+def parse_filters(filters: Iterable[str]) -> list[tuple[str, Any, str]]:
+    """``field=value`` strings as (field, value typed as YAML, value as written)."""
+    out = []
+    for item in filters:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"filter {item!r} must look like field=value, e.g. align.method=vaccine")
+        out.append((key.strip(), yaml.safe_load(raw) if raw.strip() else "", raw.strip()))
+    return out
+
+
+def matches(actual: Any, wanted: Any, raw: str) -> bool:
+    """Does a field's value equal a filter's (typed, numerically with tolerance, or as text)."""
+    if actual == wanted:
+        return True
+    if isinstance(actual, (int, float)) and not isinstance(actual, bool):
+        try:
+            return math.isclose(float(actual), float(raw), rel_tol=1e-9)
+        except ValueError:
+            return False
+    return str(actual) == raw
 
 
 def _axes(grid: Any, zips: Any, where: str) -> list[Axis]:
@@ -327,8 +365,8 @@ def run_sweep(sweep: Sweep, *, keep_going: bool = False, echo: Callable[[str], N
     """Run every run of the sweep not already finished and recorded; record each in the database.
 
     Under ``torchrun`` / ``accelerate launch`` every process runs this same loop (training is
-    data-parallel); rank 0 decides what to skip and tells the others, and only rank 0 takes the
-    folder lock and writes the database.
+    data-parallel); rank 0 decides what to skip and tells the others, and only rank 0 writes the
+    database. Other sweeps may run into the same folder at the same time (see ``restrict``).
     """
     from alignshield import stages
 
@@ -338,7 +376,7 @@ def run_sweep(sweep: Sweep, *, keep_going: bool = False, echo: Callable[[str], N
     outcome = Outcome()
     t_start = time.perf_counter()
     validate(sweep)
-    with (_folder_lock(out_dir) if main else nullcontext()), _store(out_dir, main) as store:
+    with _store(out_dir, main) as store:
         env = environment() if main else {}
         if store:
             store.record_sweep(sweep.name, sweep.source, sweep.spec() | {"base": sweep.base})
@@ -353,11 +391,11 @@ def run_sweep(sweep: Sweep, *, keep_going: bool = False, echo: Callable[[str], N
                 echo(f"[{i}/{total}] {label}: done already ({run.key})")
                 continue
             echo(f"[{i}/{total}] {label}: running ({run.key})")
-            before = {s: d.exists() for s, d in run.dirs.items()}
             scope = _reset_peak_memory()
             t0 = time.perf_counter()
             try:
-                metrics = stages.run(run.config)
+                with stages.recording_builds() as built:
+                    metrics = stages.run(run.config)
             except Exception as err:  # noqa: BLE001 -- keep_going records it and moves on
                 if not keep_going:
                     raise
@@ -366,7 +404,14 @@ def run_sweep(sweep: Sweep, *, keep_going: bool = False, echo: Callable[[str], N
                 echo(f"[{i}/{total}] {label}: FAILED: {type(err).__name__}: {err}")
                 continue
             wall = time.perf_counter() - t0
-            computed = [s for s, d in run.dirs.items() if not before[s] and d.exists()]
+            computed = [s for s, d in run.dirs.items() if d in built]
+            if not computed and _broadcast(bool(store and store.has_run(run.key))):
+                # a concurrent sweep finished and recorded this run while this one waited for it
+                if store:
+                    store.add_membership(sweep.name, run.key, run.position, run.swept)
+                outcome.cached.append(run.key)
+                echo(f"[{i}/{total}] {label}: done by another sweep meanwhile ({run.key})")
+                continue
             if store:
                 rss, gpu = _peak_memory()
                 record = RunRecord(
@@ -410,29 +455,6 @@ def _open_readonly(output_dir: Path) -> ResultStore | None:
         return ResultStore.in_dir(output_dir, readonly=True)
     except Exception:  # noqa: BLE001 -- no database yet
         return None
-
-
-@contextmanager
-def _folder_lock(output_dir: Path) -> Iterator[None]:
-    """One sweep per output folder at a time: two would build the same ``.partial`` stage folder."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    path = output_dir / LOCK_NAME
-    with path.open("a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "?"
-            raise SweepError(f"another sweep (pid {holder}) is running in {output_dir}; wait for it, "
-                             "or give this one another output_dir") from None
-        f.seek(0)
-        f.truncate()
-        f.write(str(os.getpid()))
-        f.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 # ------------------------------------------------------------------------- processes (DDP)
