@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from alignshield import stages
 from alignshield.config import load_config
 from alignshield.train import Trainer
@@ -66,3 +68,26 @@ def test_unused_repair_settings_do_not_key_the_evaluation():
     repaired = stages.stage_dirs(load_config(overrides=["repair.method=antidote"]))["evaluate"]
     assert repaired != plain
     assert stages.stage_dirs(load_config(overrides=["repair.method=antidote", pool]))["evaluate"] != repaired
+
+
+def test_no_finetune_evaluates_the_aligned_model_as_shipped(make_cfg):
+    from alignshield.config import ConfigError
+    from alignshield.evaluate.metrics import generate_answers
+
+    cfg = make_cfg("finetune.method=none")
+    metrics = stages.run(cfg)
+    dirs = stages.stage_dirs(cfg)
+    assert not (dirs["finetune"] / "adapter").exists()
+    assert json.loads((dirs["finetune"] / "stage.json").read_text())["report"] == {"trained": False}
+    # the same answers as the aligned model generates itself: no adapter was added on top
+    aligned, tokenizer = stages._aligned_model(stages.resolve(cfg))
+    _, samples = generate_answers(aligned, tokenizer, stages.resolve(cfg))
+    answers = [json.loads(line)["answer"] for line in (dirs["evaluate"] / "samples.jsonl").read_text().splitlines()]
+    assert answers == [s["answer"] for s in samples] and "harmful_score/keyword" in metrics
+    # the fine-tune's unused settings do not key it; the task does (the accuracy is measured on it)
+    # (nor the topology: without a fine-tune adapter the model is base + LoRA #1 merged either way)
+    assert stages.stage_dirs(make_cfg("finetune.method=none", "finetune.p=0.5", "finetune.n=20",
+                                      "finetune.topology=single-lora")) == dirs
+    assert stages.stage_dirs(make_cfg("finetune.method=none", "finetune.task=agnews"))["evaluate"] != dirs["evaluate"]
+    with pytest.raises(ConfigError, match="trains none"):
+        stages.validate(make_cfg("finetune.method=none", "repair.method=antidote"))

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from alignshield.align import ALIGN_METHODS
-from alignshield.config import RunConfig, dump_yaml, stable_hash
+from alignshield.config import ConfigError, RunConfig, dump_yaml, stable_hash
 from alignshield.data.collate import Tokenized, tokenize_pair
 from alignshield.data.mix import build_mix
 from alignshield.data.pools import Example, check_disjoint, load_pool
@@ -49,7 +49,12 @@ def stage_dirs(cfg: RunConfig) -> dict[str, Path]:
     root = Path(cfg.output_dir)
     common = {"seed": cfg.seed, "template": cfg.template, "model": cfg.model.model_dump(mode="json")}
     a = stable_hash(common, cfg.align.model_dump(mode="json"))
-    f = stable_hash(a, cfg.finetune.model_dump(mode="json"))
+    # a fine-tune that trains nothing is keyed by its method and task alone (the task because the
+    # evaluation's accuracy is measured on it and its key builds on this one): n, p, lr... are unused
+    trains = cfg.finetune.method not in FINETUNE_METHODS or FINETUNE_METHODS.get(cfg.finetune.method).trains
+    ft_key = (cfg.finetune.model_dump(mode="json") if trains
+              else {"method": cfg.finetune.method, "task": cfg.finetune.task})
+    f = stable_hash(a, ft_key)
     # a repair that edits nothing ("none") leaves the evaluation keyed by the fine-tune alone, so its
     # unused settings (e.g. the calibration pool) cannot make an identical evaluation look new
     edits = cfg.repair.method not in REPAIR_METHODS or REPAIR_METHODS.get(cfg.repair.method).edits
@@ -69,6 +74,9 @@ def validate(cfg: RunConfig) -> None:
     cfg.finetune.resolved_params(FINETUNE_METHODS)
     cfg.repair.resolved_params(REPAIR_METHODS)
     TASKS.get(cfg.finetune.task)
+    if REPAIR_METHODS.get(cfg.repair.method).edits and not FINETUNE_METHODS.get(cfg.finetune.method).trains:
+        raise ConfigError(f"repair.method={cfg.repair.method} edits the fine-tune adapter, but finetune.method="
+                          f"{cfg.finetune.method} trains none: use repair.method=none")
     for name in cfg.evaluate.judges:
         JUDGES.get(name)
     check_disjoint({
@@ -120,6 +128,12 @@ def finetune(cfg: RunConfig) -> Path:
     ft = cfg.finetune
     method = FINETUNE_METHODS.get(ft.method)
     params = ft.resolved_params(FINETUNE_METHODS)
+    if not method.trains:
+        with _stage_output(out) as work:
+            if work is None:  # another process built it while this one waited
+                return out
+            _finish_stage(work, cfg, "finetune", params, {"trained": False})
+        return out
     task = TASKS.get(ft.task)
     mix = build_mix(task.examples("train"), load_pool(ft.harmful), ft.n, ft.p, cfg.seed, ft.with_replacement)
     with _stage_output(out) as work:
@@ -214,11 +228,15 @@ def _evaluate_into(work: Path, cfg: RunConfig, final_dir: Path, dirs: dict[str, 
             reference = reference_states(aligned, tokenizer, cfg)
             del aligned
             _release_memory()
-        base, tokenizer = _aligned_base(cfg)
-        model = merge_adapter(base, final_dir / ADAPTER_DIR)
+        adapter = final_dir / ADAPTER_DIR
+        if adapter.exists():
+            model, tokenizer = _aligned_base(cfg)
+            model = merge_adapter(model, adapter)
+        else:  # no fine-tune adapter (finetune.method=none): the aligned model as shipped
+            model, tokenizer = _aligned_model(cfg)
         metrics, samples = generate_answers(model, tokenizer, cfg)
         metrics |= analysis_metrics(model, tokenizer, cfg, reference)
-        del base, model, reference
+        del model, reference
         _release_memory()
         spent = time.perf_counter() - t0
         if _is_main_process():
