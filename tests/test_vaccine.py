@@ -279,10 +279,14 @@ def test_schedule_k_and_j_are_honoured(tokenizer, tmp_path):
     scored = []
     original = trainer.layer_scores
     trainer.layer_scores = lambda: scored.append(trainer.step) or original()
-    trainer.train()
+    report = trainer.train()
     assert scored == [0, 4]
     assert [d["step"] for d in trainer.draws] == [0, 2, 4, 6]
     assert all(len(d["layers"]) == 2 == len(set(d["layers"])) for d in trainer.draws)
+    # the report holds the schedule: each scoring, each draw, and the steps each layer trained
+    assert [s["step"] for s in report["layer_scorings"]] == [0, 4] and report["layer_draws"] == trainer.draws
+    expected = [2 * sum(i in d["layers"] for d in trainer.draws) for i in range(4)]
+    assert report["active_steps_per_layer"] == expected and sum(expected) == 8 * 2
 
 
 def test_inactive_layers_are_frozen_and_only_active_ones_perturbed(tokenizer, tmp_path):

@@ -65,6 +65,7 @@ class TVaccineTrainer(VaccineTrainer):
         self.scores: torch.Tensor | None = None
         self.active: list[int] = []
         self.draws: list[dict] = []  # (step, active layers): the schedule, for audit and tests
+        self.scorings: list[dict] = []  # (step, per-layer scores), reported with the draws
 
     def _generator(self, salt: int) -> torch.Generator:
         # derived from (seed, step): identical on every rank and after a resume, with no state to save
@@ -73,6 +74,7 @@ class TVaccineTrainer(VaccineTrainer):
     def on_step_start(self) -> None:
         if self.scores is None or self.step % self.params.score_every == 0:
             self.scores = self.layer_scores()
+            self.scorings.append({"step": self.step, "scores": [round(float(s), 6) for s in self.scores]})
         if not self.active or self.step % self.params.resample_every == 0:
             self.activate(self.sample_layers(self.scores, self.n_active, self._generator(1)))
             self.draws.append({"step": self.step, "layers": self.active})
@@ -112,12 +114,26 @@ class TVaccineTrainer(VaccineTrainer):
     def perturbed_layers(self) -> list[int]:
         return self.active
 
+    def active_steps_per_layer(self) -> list[int]:
+        """How many steps each layer was perturbed and trained, from the draws so far."""
+        counts = [0] * len(self.layout)
+        ends = [d["step"] for d in self.draws[1:]] + [self.step]
+        for draw, end in zip(self.draws, ends):
+            for i in draw["layers"]:
+                counts[i] += end - draw["step"]
+        return counts
+
+    def train(self) -> dict:
+        return super().train() | {"layer_scorings": self.scorings, "layer_draws": self.draws,
+                                  "active_steps_per_layer": self.active_steps_per_layer()}
+
     def method_state(self) -> dict:
-        return super().method_state() | {"scores": self.scores, "active": self.active, "draws": self.draws}
+        return super().method_state() | {"scores": self.scores, "active": self.active, "draws": self.draws,
+                                         "scorings": self.scorings}
 
     def load_method_state(self, state: dict) -> None:
         super().load_method_state(state)
-        self.scores, self.draws = state["scores"], state["draws"]
+        self.scores, self.draws, self.scorings = state["scores"], state["draws"], state["scorings"]
         self.activate(state["active"])
 
     def finish(self) -> None:
