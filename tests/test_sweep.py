@@ -391,6 +391,25 @@ def test_report_draws_only_the_plots_the_data_supports(synthetic, tmp_path):
     assert not list((tmp_path / "report").glob("*learning*"))
 
 
+def test_report_takes_dict_valued_swept_fields(tmp_path):
+    """A zipped ``align.params`` column (as in embedded-baselines) is a dict per run: tabled, not plotted."""
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "runs"
+    with ResultStore.in_dir(out) as store:
+        store.record_sweep("baselines", "b.yaml", {"axes": [{"fields": ["align.method", "align.params"]},
+                                                            {"fields": ["seed"]}]})
+        for i, (method, params) in enumerate([("sft", {}), ("tar", {"inner_steps": 4})] * 2):
+            seed = 1 + i // 2
+            cfg = load_config(overrides=[f"align.method={method}", f"align.params={params}", f"seed={seed}"])
+            rec = RunRecord(f"b{i}", cfg.model_dump(mode="json"),
+                            {"align.method": method, "align.params": params, "seed": seed}, seed)
+            store.record_run(rec, {"harmful_score/keyword": 10.0 + i, "finetune_accuracy/strict": 80.0},
+                             sweep="baselines", position=i)
+    report = rp.build_report(out, tmp_path / "report")
+    assert [p.name for p in report.figures] == ["baselines-hs-vs-fa.png"]
+    assert "| tar | {inner_steps: 4} | 2 | 1,2 | 12.00 ± 1.41 |" in report.markdown.read_text()
+
+
 def test_report_command_writes_into_out(synthetic, tmp_path):
     pytest.importorskip("matplotlib")
     result = CliRunner().invoke(app, ["report", "-o", str(synthetic), "--out", str(tmp_path / "docs"), "-s", "alpha"])

@@ -297,7 +297,7 @@ def _figures(name: str, runs: list[StoredRun], spec: dict, out: Path, hs: str, f
     figures = []
     swept = swept_fields(runs)
     for x in swept:
-        values = {field_value(r, x) for r in runs if hs in r.metrics}
+        values = {_hashable(field_value(r, x)) for r in runs if hs in r.metrics}
         if len(values) < 2 or not all(_is_number(v) for v in values):
             continue
         series_fields = [f for f in swept if f != x and f not in _zip_partners(spec, x)]
