@@ -318,10 +318,9 @@ def _figures(name: str, runs: list[StoredRun], spec: dict, out: Path, hs: str, f
         ax.set_title(f"{name}: {hs.split('/')[0].replace('_', ' ')} vs {x}")
         ax.grid(True, alpha=0.3)
         if series_fields:
-            ax.legend(title=" / ".join(series_fields), fontsize=8, title_fontsize=8)
+            _legend_below(ax, " / ".join(series_fields), fontsize=8)
         path = out / f"{_slug(name)}-hs-vs-{_slug(x)}.png"
-        fig.tight_layout()
-        fig.savefig(path)
+        fig.savefig(path, bbox_inches="tight")
         figures.append(Figure(f"{hs} vs {x}", path,
                               f"Mean over seeds (error bars: sample std) of {hs} against {x}"
                               + (f", one line per {' / '.join(series_fields)}." if series_fields else ".")))
@@ -340,10 +339,9 @@ def _figures(name: str, runs: list[StoredRun], spec: dict, out: Path, hs: str, f
             ax.set_title(f"{name}: harmful score vs finetune accuracy")
             ax.grid(True, alpha=0.3)
             if len(groups) <= 16:
-                ax.legend(title=" / ".join(swept) or None, fontsize=7, title_fontsize=7)
+                _legend_below(ax, " / ".join(swept) or None, fontsize=7)
             path = out / f"{_slug(name)}-hs-vs-fa.png"
-            fig.tight_layout()
-            fig.savefig(path)
+            fig.savefig(path, bbox_inches="tight")
             figures.append(Figure("harmful score vs finetune accuracy", path,
                                   f"One point per {' / '.join(swept) or 'group'} (mean over seeds, bars: std); "
                                   "lower and further right is better."))
@@ -355,6 +353,12 @@ def _series(runs: list[StoredRun], fields: list[str]) -> list[tuple[str, list[St
     for r in runs:
         out.setdefault(tuple(_hashable(field_value(r, f)) for f in fields), []).append(r)
     return [(" / ".join(fmt(v) for v in k), rs) for k, rs in out.items()]
+
+
+def _legend_below(ax: Any, title: str | None, fontsize: int) -> None:
+    """Under the axes, where long config labels cannot hide the points."""
+    ax.legend(title=title, fontsize=fontsize, title_fontsize=fontsize, loc="upper center",
+              bbox_to_anchor=(0.5, -0.14), frameon=False)
 
 
 def _log_scale(x: str, values: set) -> bool:
