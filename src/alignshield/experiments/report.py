@@ -397,7 +397,8 @@ _CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 2rem auto; max-width: 1100px;
        color: #1d232a; padding: 0 1rem; }
 h1 { font-size: 1.6rem; } h2 { border-bottom: 1px solid #d0d7de; padding-bottom: .3rem; margin-top: 2.5rem; }
-table { border-collapse: collapse; margin: 1rem 0; font-size: .85rem; }
+.table { overflow-x: auto; margin: 1rem 0; }
+table { border-collapse: collapse; font-size: .85rem; }
 th, td { border: 1px solid #d0d7de; padding: .3rem .6rem; text-align: left; }
 th { background: #f3f5f7; } tr:nth-child(even) td { background: #fafbfc; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
@@ -414,7 +415,8 @@ def _html_table(header: list[str], rows: list[list[str]]) -> str:
 
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(td(c) for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    # wide tables (many metrics, zipped params) scroll inside their box instead of running off the page
+    return f"<div class=table><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
 
 
 def _html(sections: list[Section], output_dir: Path) -> str:
