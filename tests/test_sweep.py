@@ -257,6 +257,8 @@ def test_where_selects_runs_keeping_grid_positions(tmp_path):
     assert [r.position for r in part.runs] == [3] and part.runs[0].key == sweep.runs[3].key
     assert [r.position for r in restrict(sweep, ["finetune.p=0"]).runs] == [0, 2]
     assert part.spec()["runs"] == 4  # the database records the grid, not the slice
+    # one field given twice is either value; different fields must all match
+    assert [r.position for r in restrict(sweep, ["finetune.p=0", "finetune.p=0.1", "seed=1"]).runs] == [0, 1]
     with pytest.raises(ConfigError, match="no run of sweep"):
         restrict(sweep, ["seed=7"])
     with pytest.raises(ConfigError, match="field=value"):
@@ -364,9 +366,12 @@ def test_results_mean_std_per_group_filter_and_csv(synthetic, tmp_path):
     assert [g.values for g in groups] == [("none",), ("sft",), ("vaccine",)]
     vaccine = groups[2].stats["harmful_score/keyword"]
     assert vaccine.n == 3 and vaccine.mean == pytest.approx(32.0) and vaccine.std == pytest.approx(1.0)
+    with ResultStore.in_dir(synthetic, readonly=True) as store:
+        both = rp.select(store.runs("main"), ["align.method=sft", "align.method=vaccine", "finetune.p=0.1"])
+    assert sorted(r.swept["align.method"] for r in both) == ["sft"] * 3 + ["vaccine"] * 3
 
     csv_path = tmp_path / "t.csv"
-    result = CliRunner().invoke(app, ["results", "-o", str(synthetic), "--sweep", "main", "-f", "align.method=vaccine",
+    result = CliRunner().invoke(app, ["results", "-o", str(synthetic), "--sweep", "main", "--where", "align.method=vaccine",
                                       "-g", "finetune.p", "-m", "harmful_score/*", "--csv", str(csv_path)])
     assert result.exit_code == 0, result.output
     assert "22.00 ± 1.00" in result.output and "42.00 ± 1.00" in result.output

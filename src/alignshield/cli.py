@@ -157,8 +157,9 @@ def sweep_command(
     keep_going: bool = typer.Option(
         False, "--keep-going", help="Report a failed run and go on with the others (exit code 1 at the end)."),
     where: Optional[list[str]] = typer.Option(
-        None, "--where", "-w", help="Only the runs with this field=value (repeatable), e.g. seed=1. Sweeps over "
-        "different slices can run at once into one output folder: shared stages are built once."),
+        None, "--where", "-w", help="Only the runs with this field=value, e.g. seed=1; repeatable (a field given "
+        "twice matches either value). Sweeps over different slices can run at once into one output folder: "
+        "shared stages are built once."),
 ) -> None:
     """Run every point of a grid (cartesian product + zipped axes); stages are shared, finished work reused."""
     from alignshield.experiments import sweep as sw
@@ -209,7 +210,9 @@ def results_command(
     output_dir: Path = OutputDirOpt,
     sweep: Optional[str] = typer.Option(None, "--sweep", "-s", help="Only this sweep's runs (default: every run)."),
     filters: Optional[list[str]] = typer.Option(
-        None, "--filter", "-f", help="field=value, e.g. align.method=vaccine; repeatable."),
+        None, "--where", "-w", "--filter", "-f",
+        help="Only the runs with this field=value, e.g. align.method=vaccine; repeatable (a field given twice "
+        "matches either value)."),
     group_by: Optional[str] = typer.Option(
         None, "--group-by", "-g", help="Comma-separated fields (default: the swept fields but seed)."),
     metric: Optional[str] = typer.Option(

@@ -21,7 +21,7 @@ from typing import Any, Iterable
 import yaml
 
 from alignshield.experiments.store import ResultStore, StoredRun
-from alignshield.experiments.sweep import get_dotted, matches, parse_filters
+from alignshield.experiments.sweep import get_dotted, selector
 
 DEFAULT_METRICS = ("harmful_score/*", "finetune_accuracy/*")
 PREFERRED_HS = ("harmful_score/embedded", "harmful_score/keyword")
@@ -50,9 +50,10 @@ def field_value(run: StoredRun, name: str) -> Any:
 
 
 def select(runs: list[StoredRun], filters: Iterable[str]) -> list[StoredRun]:
-    """Runs whose fields equal every ``field=value`` (typed as YAML, or compared as text)."""
-    parsed = parse_filters(filters)
-    return [r for r in runs if all(matches(field_value(r, k), v, raw) for k, v, raw in parsed)]
+    """Runs whose fields equal the ``field=value`` filters (typed as YAML, or compared as text); a field given
+    several times matches any of its values."""
+    selected = selector(filters)
+    return [r for r in runs if selected(lambda name: field_value(r, name))]
 
 
 def metric_names(runs: list[StoredRun], patterns: Iterable[str] | None = None) -> list[str]:

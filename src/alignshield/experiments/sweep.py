@@ -209,9 +209,8 @@ def restrict(sweep: Sweep, where: list[str]) -> Sweep:
     """The runs whose resolved config has every ``field=value`` (e.g. ``seed=1``), keeping their
     grid positions. Sweeps over different slices of one grid can run at once into the same output
     folder (one per GPU, say): stages they share are built once, by whichever process gets there first."""
-    filters = parse_filters(where)
-    runs = [r for r in sweep.runs
-            if all(matches(_run_field(r, k), v, raw) for k, v, raw in filters)]
+    selected = selector(where)
+    runs = [r for r in sweep.runs if selected(lambda name: _run_field(r, name))]
     if not runs:
         raise ConfigError(f"--where {' '.join(where)}: no run of sweep {sweep.name} matches "
                           f"(swept fields: {', '.join(sweep.swept_fields) or 'none'})")
@@ -231,6 +230,19 @@ def parse_filters(filters: Iterable[str]) -> list[tuple[str, Any, str]]:
             raise ConfigError(f"filter {item!r} must look like field=value, e.g. align.method=vaccine")
         out.append((key.strip(), yaml.safe_load(raw) if raw.strip() else "", raw.strip()))
     return out
+
+
+def selector(filters: Iterable[str]) -> Callable[[Callable[[str], Any]], bool]:
+    """A predicate over a run's field getter: every field filtered must match, and a field given several
+    times matches any of its values (``seed=1 seed=2`` is seeds 1 or 2)."""
+    by_field: dict[str, list[tuple[Any, str]]] = {}
+    for key, value, raw in parse_filters(filters):
+        by_field.setdefault(key, []).append((value, raw))
+
+    def selected(field: Callable[[str], Any]) -> bool:
+        return all(any(matches(field(key), v, raw) for v, raw in wanted) for key, wanted in by_field.items())
+
+    return selected
 
 
 def matches(actual: Any, wanted: Any, raw: str) -> bool:
