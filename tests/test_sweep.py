@@ -424,6 +424,31 @@ def test_report_command_writes_into_out(synthetic, tmp_path):
     assert [p.name for p in (tmp_path / "docs").glob("*.png")] == ["alpha-hs-vs-repair-params-alpha.png"]
 
 
+def test_report_plots_tell_a_dozen_series_apart(tmp_path, monkeypatch):
+    """Past matplotlib's ten colours, every point of the HS-vs-FA plot still has its own colour and marker."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure as MplFigure
+
+    out = tmp_path / "runs"
+    with ResultStore.in_dir(out) as store:
+        store.record_sweep("alpha", "alpha.yaml", {"axes": [{"fields": ["repair.method"]},
+                                                            {"fields": ["repair.params.alpha"]}]})
+        for i, (method, alpha) in enumerate((m, a) for m in ("antidote", "random-prune", "magnitude-prune")
+                                             for a in (0.01, 0.05, 0.1, 0.2)):
+            swept = {"repair.method": method, "repair.params.alpha": alpha}
+            cfg = load_config(overrides=[f"{k}={v}" for k, v in swept.items()])
+            store.record_run(RunRecord(f"r{i}", cfg.model_dump(mode="json"), swept, 1),
+                             {"harmful_score/keyword": 20.0 + i, "finetune_accuracy/strict": 60.0 + i},
+                             sweep="alpha", position=i)
+    saved, savefig = [], MplFigure.savefig
+    monkeypatch.setattr(MplFigure, "savefig", lambda fig, *a, **k: (saved.append(fig), savefig(fig, *a, **k)))
+    rp.build_report(out, tmp_path / "report")
+    scatter = next(f for f in saved if "finetune accuracy" in f.axes[0].get_title())
+    handles, labels = scatter.axes[0].get_legend_handles_labels()
+    styles = {(h[0].get_color(), h[0].get_marker()) for h in handles}
+    assert len(labels) == 12 and len(styles) == 12
+
+
 def _chromium() -> str | None:
     return next((shutil.which(c) for c in ("chromium", "chromium-browser", "google-chrome") if shutil.which(c)), None)
 

@@ -305,13 +305,13 @@ def _figures(name: str, runs: list[StoredRun], spec: dict, out: Path, hs: str, f
         fig = MplFigure(figsize=(6.4, 4.2), dpi=110)
         FigureCanvasAgg(fig)
         ax = fig.add_subplot()
-        for label, group in _series(runs, series_fields):
+        for i, (label, group) in enumerate(_series(runs, series_fields)):
             points = aggregate(group, [x], [hs])
             points = sorted((p for p in points if hs in p.stats), key=lambda p: p.values[0])
             xs = [p.values[0] for p in points]
             ys = [p.stats[hs].mean for p in points]
             err = [p.stats[hs].std or 0.0 for p in points]
-            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=label or None)
+            ax.errorbar(xs, ys, yerr=err, capsize=3, label=label or None, **_style(i))
         if _log_scale(x, values):
             ax.set_xscale("log")
         ax.set_xlabel(x)
@@ -331,10 +331,10 @@ def _figures(name: str, runs: list[StoredRun], spec: dict, out: Path, hs: str, f
             fig = MplFigure(figsize=(6.4, 4.6), dpi=110)
             FigureCanvasAgg(fig)
             ax = fig.add_subplot()
-            for g in groups:
+            for i, g in enumerate(groups):
                 label = " / ".join(fmt(v) for v in g.values) or "all"
                 ax.errorbar(g.stats[fa].mean, g.stats[hs].mean, xerr=g.stats[fa].std or 0.0,
-                            yerr=g.stats[hs].std or 0.0, marker="o", capsize=3, linestyle="none", label=label)
+                            yerr=g.stats[hs].std or 0.0, capsize=3, linestyle="none", label=label, **_style(i))
             ax.set_xlabel(f"{fa} (%)")
             ax.set_ylabel(f"{hs} (%)")
             ax.set_title(f"{name}: harmful score vs finetune accuracy")
@@ -354,6 +354,15 @@ def _series(runs: list[StoredRun], fields: list[str]) -> list[tuple[str, list[St
     for r in runs:
         out.setdefault(tuple(_hashable(field_value(r, f)) for f in fields), []).append(r)
     return [(" / ".join(fmt(v) for v in k), rs) for k, rs in out.items()]
+
+
+_MARKERS = "osD^vP*Xh<>p"
+
+
+def _style(i: int) -> dict[str, str]:
+    """The i-th series' colour and marker: matplotlib's 10 colours repeat, so past 10 series the marker
+    changes too, and no two of the first 120 look alike."""
+    return {"color": f"C{i % 10}", "marker": _MARKERS[(i // 10) % len(_MARKERS)]}
 
 
 def _legend_below(ax: Any, title: str | None, fontsize: int) -> None:
