@@ -416,6 +416,32 @@ def test_report_takes_dict_valued_swept_fields(tmp_path):
     assert "| tar | {inner_steps: 4} | 2 | 1,2 | 12.00 ± 1.41 |" in report.markdown.read_text()
 
 
+def test_report_plots_a_zipped_field_without_mixing_its_partners(tmp_path, saved_figures):
+    """A zip is a list of settings: HS vs rho keeps RandomVaccine at rho 2 apart from Vaccine's rho line, and
+    fields zipped in lockstep (T-Vaccine's S and J) get one plot between them, not one each."""
+    out = tmp_path / "runs"
+    settings = {"vac": [{"align.method": m, "align.params.rho": rho}
+                        for m, rho in [("random-vaccine", 2.0), ("vaccine", 0.5), ("vaccine", 2.0), ("vaccine", 5.0)]],
+                "tv": [{"align.params.layers_per_step": s_, "align.params.resample_every": j}
+                       for s_, j in [(30, 20), (8, 5)]]}
+    with ResultStore.in_dir(out) as store:
+        i = 0
+        for sweep, runs in settings.items():
+            store.record_sweep(sweep, f"{sweep}.yaml", {"axes": [{"fields": list(runs[0])}]})
+            for swept in runs:
+                cfg = load_config(overrides=[f"{k}={v}" for k, v in swept.items()])
+                store.record_run(RunRecord(f"z{i}", cfg.model_dump(mode="json"), swept, 1),
+                                 {"harmful_score/keyword": 10.0 + i, "finetune_accuracy/strict": 80.0 - i},
+                                 sweep=sweep, position=i)
+                i += 1
+    report = rp.build_report(out, tmp_path / "report")
+    assert sorted(p.name for p in report.figures) == ["tv-hs-vs-align-params-layers-per-step.png", "tv-hs-vs-fa.png",
+                                                      "vac-hs-vs-align-params-rho.png", "vac-hs-vs-fa.png"]
+    rho = next(f for f in saved_figures if f.axes[0].get_xlabel() == "align.params.rho").axes[0]
+    lines = {label: list(h[0].get_xdata()) for h, label in zip(*rho.get_legend_handles_labels())}
+    assert lines == {"random-vaccine": [2.0], "vaccine": [0.5, 2.0, 5.0]}
+
+
 def test_report_command_writes_into_out(synthetic, tmp_path):
     pytest.importorskip("matplotlib")
     result = CliRunner().invoke(app, ["report", "-o", str(synthetic), "--out", str(tmp_path / "docs"), "-s", "alpha"])
@@ -424,11 +450,19 @@ def test_report_command_writes_into_out(synthetic, tmp_path):
     assert [p.name for p in (tmp_path / "docs").glob("*.png")] == ["alpha-hs-vs-repair-params-alpha.png"]
 
 
-def test_report_plots_tell_a_dozen_series_apart(tmp_path, monkeypatch):
-    """Past matplotlib's ten colours, every point of the HS-vs-FA plot still has its own colour and marker."""
+@pytest.fixture
+def saved_figures(monkeypatch):
+    """The matplotlib figures the report saves, to inspect their lines and legends."""
     pytest.importorskip("matplotlib")
     from matplotlib.figure import Figure as MplFigure
 
+    saved, savefig = [], MplFigure.savefig
+    monkeypatch.setattr(MplFigure, "savefig", lambda fig, *a, **k: (saved.append(fig), savefig(fig, *a, **k)))
+    return saved
+
+
+def test_report_plots_tell_a_dozen_series_apart(tmp_path, saved_figures):
+    """Past matplotlib's ten colours, every point of the HS-vs-FA plot still has its own colour and marker."""
     out = tmp_path / "runs"
     with ResultStore.in_dir(out) as store:
         store.record_sweep("alpha", "alpha.yaml", {"axes": [{"fields": ["repair.method"]},
@@ -440,10 +474,8 @@ def test_report_plots_tell_a_dozen_series_apart(tmp_path, monkeypatch):
             store.record_run(RunRecord(f"r{i}", cfg.model_dump(mode="json"), swept, 1),
                              {"harmful_score/keyword": 20.0 + i, "finetune_accuracy/strict": 60.0 + i},
                              sweep="alpha", position=i)
-    saved, savefig = [], MplFigure.savefig
-    monkeypatch.setattr(MplFigure, "savefig", lambda fig, *a, **k: (saved.append(fig), savefig(fig, *a, **k)))
     rp.build_report(out, tmp_path / "report")
-    scatter = next(f for f in saved if "finetune accuracy" in f.axes[0].get_title())
+    scatter = next(f for f in saved_figures if "finetune accuracy" in f.axes[0].get_title())
     handles, labels = scatter.axes[0].get_legend_handles_labels()
     styles = {(h[0].get_color(), h[0].get_marker()) for h in handles}
     assert len(labels) == 12 and len(styles) == 12

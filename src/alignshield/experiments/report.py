@@ -283,6 +283,13 @@ def _zip_partners(spec: dict, fieldname: str) -> set[str]:
     return set()
 
 
+def _determined_by(runs: list[StoredRun], x: str, other: str) -> bool:
+    """Whether every value of ``x`` comes with a single value of ``other`` in these runs."""
+    seen: dict[Any, Any] = {}
+    return all(seen.setdefault(_hashable(field_value(r, x)), _hashable(field_value(r, other)))
+               == _hashable(field_value(r, other)) for r in runs)
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
 
@@ -297,11 +304,19 @@ def _figures(name: str, runs: list[StoredRun], spec: dict, out: Path, hs: str, f
         return []
     figures = []
     swept = swept_fields(runs)
+    plotted: list[str] = []
     for x in swept:
         values = {_hashable(field_value(r, x)) for r in runs if hs in r.metrics}
         if len(values) < 2 or not all(_is_number(v) for v in values):
             continue
-        series_fields = [f for f in swept if f != x and f not in _zip_partners(spec, x)]
+        partners = _zip_partners(spec, x)
+        # a zip partner that moves in lockstep with x labels the same line, which an earlier plot may
+        # already show; one that takes several values at one x (a method, at rho = 2) splits the lines
+        lockstep = {f for f in partners if _determined_by(runs, x, f)}
+        if any(y in lockstep and _determined_by(runs, y, x) for y in plotted):
+            continue
+        plotted.append(x)
+        series_fields = [f for f in swept if f != x and f not in lockstep]
         fig = MplFigure(figsize=(6.4, 4.2), dpi=110)
         FigureCanvasAgg(fig)
         ax = fig.add_subplot()
@@ -324,6 +339,7 @@ def _figures(name: str, runs: list[StoredRun], spec: dict, out: Path, hs: str, f
         fig.savefig(path, bbox_inches="tight")
         figures.append(Figure(f"{hs} vs {x}", path,
                               f"Mean over seeds (error bars: sample std) of {hs} against {x}"
+                              + (f" (zipped with {', '.join(sorted(lockstep))})" if lockstep else "")
                               + (f", one line per {' / '.join(series_fields)}." if series_fields else ".")))
     if fa:
         groups = [g for g in aggregate(runs, swept, [hs, fa]) if hs in g.stats and fa in g.stats]
