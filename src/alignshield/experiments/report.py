@@ -283,11 +283,16 @@ def _zip_partners(spec: dict, fieldname: str) -> set[str]:
     return set()
 
 
-def _determined_by(runs: list[StoredRun], x: str, other: str) -> bool:
-    """Whether every value of ``x`` comes with a single value of ``other`` in these runs."""
+def _determined_by(spec: dict, runs: list[StoredRun], x: str, other: str) -> bool:
+    """Whether every value of ``x`` comes with a single value of ``other``: in the grid's zip when the
+    database recorded it (a partial sweep must not look lockstep), else in these runs."""
+    pairs = [(field_value(r, x), field_value(r, other)) for r in runs]
+    for axis in spec.get("axes", []):
+        fields = axis.get("fields", [])
+        if x in fields and other in fields and "values" in axis:
+            pairs = [(row[fields.index(x)], row[fields.index(other)]) for row in axis["values"]]
     seen: dict[Any, Any] = {}
-    return all(seen.setdefault(_hashable(field_value(r, x)), _hashable(field_value(r, other)))
-               == _hashable(field_value(r, other)) for r in runs)
+    return all(seen.setdefault(_hashable(a), _hashable(b)) == _hashable(b) for a, b in pairs)
 
 
 def _slug(text: str) -> str:
@@ -312,8 +317,8 @@ def _figures(name: str, runs: list[StoredRun], spec: dict, out: Path, hs: str, f
         partners = _zip_partners(spec, x)
         # a zip partner that moves in lockstep with x labels the same line, which an earlier plot may
         # already show; one that takes several values at one x (a method, at rho = 2) splits the lines
-        lockstep = {f for f in partners if _determined_by(runs, x, f)}
-        if any(y in lockstep and _determined_by(runs, y, x) for y in plotted):
+        lockstep = {f for f in partners if _determined_by(spec, runs, x, f)}
+        if any(y in lockstep and _determined_by(spec, runs, y, x) for y in plotted):
             continue
         plotted.append(x)
         series_fields = [f for f in swept if f != x and f not in lockstep]
