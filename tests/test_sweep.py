@@ -486,13 +486,14 @@ def _chromium() -> str | None:
 
 
 def _headless_chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    if _chromium() is None:
+    browser = _chromium()
+    if browser is None:
         # CI installs Chromium and sets this, so the check cannot quietly turn into a skip there
         if os.environ.get("ALIGNSHIELD_REQUIRE_BROWSER") == "1":
             pytest.fail("ALIGNSHIELD_REQUIRE_BROWSER=1 but no chromium on PATH")
         pytest.skip("chromium is not installed")
     # the no-network flags keep Chromium from trying (and failing) to reach Google's services offline
-    cmd = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
            "--disable-quic", "--no-first-run", "--disable-component-update", "--disable-sync",
            f"--user-data-dir={tmp_path / 'chromium-profile'}", "--hide-scrollbars", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120)

@@ -276,21 +276,19 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _zip_partners(spec: dict, fieldname: str) -> set[str]:
-    for axis in spec.get("axes", []):
-        if fieldname in axis.get("fields", []):
-            return set(axis["fields"]) - {fieldname}
-    return set()
+def _grid_axis(spec: dict, fieldname: str) -> dict:
+    """The recorded grid axis that sweeps ``fieldname`` (its zip partners are the axis's other fields)."""
+    return next((axis for axis in spec.get("axes", []) if fieldname in axis.get("fields", [])), {"fields": [fieldname]})
 
 
-def _determined_by(spec: dict, runs: list[StoredRun], x: str, other: str) -> bool:
-    """Whether every value of ``x`` comes with a single value of ``other``: in the grid's zip when the
-    database recorded it (a partial sweep must not look lockstep), else in these runs."""
-    pairs = [(field_value(r, x), field_value(r, other)) for r in runs]
-    for axis in spec.get("axes", []):
-        fields = axis.get("fields", [])
-        if x in fields and other in fields and "values" in axis:
-            pairs = [(row[fields.index(x)], row[fields.index(other)]) for row in axis["values"]]
+def _determined_by(axis: dict, runs: list[StoredRun], x: str, other: str) -> bool:
+    """Whether every value of ``x`` comes with a single value of ``other`` (both on ``axis``): in the grid's
+    zip when the database recorded it (a partial sweep must not look lockstep), else in these runs."""
+    if "values" in axis:
+        fields = axis["fields"]
+        pairs = [(row[fields.index(x)], row[fields.index(other)]) for row in axis["values"]]
+    else:
+        pairs = [(field_value(r, x), field_value(r, other)) for r in runs]
     seen: dict[Any, Any] = {}
     return all(seen.setdefault(_hashable(a), _hashable(b)) == _hashable(b) for a, b in pairs)
 
@@ -314,11 +312,11 @@ def _figures(name: str, runs: list[StoredRun], spec: dict, out: Path, hs: str, f
         values = {_hashable(field_value(r, x)) for r in runs if hs in r.metrics}
         if len(values) < 2 or not all(_is_number(v) for v in values):
             continue
-        partners = _zip_partners(spec, x)
+        axis = _grid_axis(spec, x)
         # a zip partner that moves in lockstep with x labels the same line, which an earlier plot may
         # already show; one that takes several values at one x (a method, at rho = 2) splits the lines
-        lockstep = {f for f in partners if _determined_by(spec, runs, x, f)}
-        if any(y in lockstep and _determined_by(spec, runs, y, x) for y in plotted):
+        lockstep = {f for f in axis["fields"] if f != x and _determined_by(axis, runs, x, f)}
+        if any(y in lockstep and _determined_by(axis, runs, y, x) for y in plotted):
             continue
         plotted.append(x)
         series_fields = [f for f in swept if f != x and f not in lockstep]
