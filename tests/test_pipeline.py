@@ -91,3 +91,45 @@ def test_no_finetune_evaluates_the_aligned_model_as_shipped(make_cfg):
     assert stages.stage_dirs(make_cfg("finetune.method=none", "finetune.task=agnews"))["evaluate"] != dirs["evaluate"]
     with pytest.raises(ConfigError, match="trains none"):
         stages.validate(make_cfg("finetune.method=none", "repair.method=antidote"))
+
+
+# ------------------------------------------------------------------------ fail fast, before any compute
+
+
+def _no_training(monkeypatch):
+    def refuse(self):
+        raise AssertionError("training started before the config was checked")
+
+    monkeypatch.setattr(Trainer, "train", refuse)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["finetune.n=100000"], r"finetune.n=100000 with finetune.p=0.1 needs 90000 task examples, but the sst2 train"),
+    (["finetune.harmful.start=0", "finetune.harmful.stop=1", "finetune.n=40"], r"needs 4 harmful examples, but "
+     r"finetune.harmful \(beavertails_unsafe rows \[0, 1\)\) holds 1"),
+    (["evaluate.task_n=5000"], r"evaluate.task_n=5000, but the sst2 test split .* holds 872"),
+    (["evaluate.judges=[embedded]", "evaluate.judge_options={embedded: {weights: /nonexistent}}"],
+     r"weights missing in /nonexistent"),
+])
+def test_bad_settings_fail_before_alignment_trains(make_cfg, monkeypatch, overrides, message):
+    from alignshield.config import ConfigError
+    from alignshield.evaluate.judges import JudgeLoadError
+
+    _no_training(monkeypatch)
+    cfg = make_cfg(*overrides)
+    with pytest.raises((ConfigError, JudgeLoadError), match=message):
+        stages.run(cfg)
+    assert not stages.stage_dirs(cfg)["align"].exists()
+
+
+def test_a_folder_without_a_model_is_a_clear_error(tmp_path, monkeypatch):
+    from alignshield.config import ConfigError
+
+    _no_training(monkeypatch)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no model here")
+    for name, message in [(tmp_path / "empty", r"holds no config.json \(it holds notes.txt\)"),
+                          (tmp_path / "missing", "no such folder")]:
+        cfg = load_config(overrides=[f"model.name={name}", f"output_dir={tmp_path / 'out'}"])
+        with pytest.raises(ConfigError, match=message):
+            stages.run(cfg)

@@ -20,11 +20,12 @@ from typing import Any, Iterator
 from alignshield.align import ALIGN_METHODS
 from alignshield.config import ConfigError, RunConfig, dump_yaml, stable_hash
 from alignshield.data.collate import Tokenized, tokenize_pair
-from alignshield.data.mix import build_mix
+from alignshield.data.mix import build_mix, harmful_count
 from alignshield.data.pools import Example, check_disjoint, load_pool
 from alignshield.evaluate.judges import JUDGES
 from alignshield.finetune import FINETUNE_METHODS
 from alignshield.io import atomic_dir, held_lock, write_json_atomic, write_jsonl_atomic, write_text_atomic
+from alignshield.models.load import resolve_dtype
 from alignshield.models.lora import ADAPTER_DIR, attach_lora, load_adapter, merge_adapter
 from alignshield.repair import REPAIR_METHODS
 from alignshield.tasks import TASKS
@@ -38,6 +39,7 @@ def resolve(cfg: RunConfig) -> RunConfig:
     """The config with every method's parameters spelled out, defaults included: what is hashed,
     saved next to each output and printed, so equal settings always map to the same folder."""
     cfg = cfg.model_copy(deep=True)
+    cfg.model.dtype = resolve_dtype(cfg.model)
     for stage, registry in (("align", ALIGN_METHODS), ("finetune", FINETUNE_METHODS), ("repair", REPAIR_METHODS)):
         section = getattr(cfg, stage)
         section.params = section.resolved_params(registry).model_dump(mode="json")
@@ -68,17 +70,38 @@ def stage_dirs(cfg: RunConfig) -> dict[str, Path]:
     }
 
 
-def validate(cfg: RunConfig) -> None:
-    """Fail before any compute: unknown methods, tasks or judges, bad method params, overlapping pools."""
+def validate(cfg: RunConfig, upto: str = "evaluate") -> None:
+    """Fail before any compute, for the stages up to ``upto``: unknown methods, tasks or judges, bad
+    method params, a model that is not there, pools too small for the fine-tune mix or the evaluation,
+    judges that cannot load, overlapping harmful pools. Nothing heavy is loaded."""
+    from alignshield.evaluate.judges import check_available
+    from alignshield.models.load import ModelSourceError, check_model_source
+
+    try:
+        check_model_source(cfg.model.name, gguf_file=cfg.model.gguf_file, revision=cfg.model.revision)
+    except ModelSourceError as err:
+        raise ConfigError(str(err)) from None
     cfg.align.resolved_params(ALIGN_METHODS)
-    cfg.finetune.resolved_params(FINETUNE_METHODS)
-    cfg.repair.resolved_params(REPAIR_METHODS)
-    TASKS.get(cfg.finetune.task)
-    if REPAIR_METHODS.get(cfg.repair.method).edits and not FINETUNE_METHODS.get(cfg.finetune.method).trains:
-        raise ConfigError(f"repair.method={cfg.repair.method} edits the fine-tune adapter, but finetune.method="
-                          f"{cfg.finetune.method} trains none: use repair.method=none")
-    for name in cfg.evaluate.judges:
-        JUDGES.get(name)
+    for pool in (cfg.align.data.safety, cfg.align.data.benign, cfg.align.data.harmful):
+        if pool is not None:
+            load_pool(pool)
+    if upto != "align":
+        cfg.finetune.resolved_params(FINETUNE_METHODS)
+        task = TASKS.get(cfg.finetune.task)
+        if FINETUNE_METHODS.get(cfg.finetune.method).trains:
+            _check_mix_sizes(cfg, task)
+    if upto in ("repair", "evaluate"):
+        cfg.repair.resolved_params(REPAIR_METHODS)
+        if REPAIR_METHODS.get(cfg.repair.method).edits and not FINETUNE_METHODS.get(cfg.finetune.method).trains:
+            raise ConfigError(f"repair.method={cfg.repair.method} edits the fine-tune adapter, but finetune.method="
+                              f"{cfg.finetune.method} trains none: use repair.method=none")
+    if upto == "evaluate":
+        for name in cfg.evaluate.judges:
+            check_available(name, cfg.evaluate.judge_options.get(name))
+        test_rows = len(task.rows("test"))
+        if cfg.evaluate.task_n > test_rows:
+            raise ConfigError(f"evaluate.task_n={cfg.evaluate.task_n}, but the {task.name} test split "
+                              f"({task.test_file}) holds {test_rows} examples")
     check_disjoint({
         "align.data.safety": load_pool(cfg.align.data.safety),
         "align.data.harmful": load_pool(cfg.align.data.harmful),
@@ -88,16 +111,34 @@ def validate(cfg: RunConfig) -> None:
     })
 
 
+def _check_mix_sizes(cfg: RunConfig, task) -> None:
+    """The fine-tune mix's n - round(p n) task examples and round(p n) harmful ones exist (unless
+    sampling with replacement)."""
+    ft = cfg.finetune
+    if ft.with_replacement:
+        return
+    k = harmful_count(ft.n, ft.p)
+    pool = ft.harmful
+    for what, need, have, source in (
+        ("task", ft.n - k, len(task.rows("train")), f"the {task.name} train split ({task.train_file})"),
+        ("harmful", k, len(load_pool(pool)), f"finetune.harmful ({pool.dataset} rows [{pool.start}, {pool.stop}))"),
+    ):
+        if need > have:
+            raise ConfigError(f"finetune.n={ft.n} with finetune.p={ft.p} needs {need} {what} examples, but "
+                              f"{source} holds {have}: lower finetune.n, enlarge the pool, or set "
+                              "finetune.with_replacement=true")
+
+
 # ------------------------------------------------------------------------------------- stages
 
 
 def align(cfg: RunConfig) -> Path:
     """LoRA #1 on harmful prompts + safe answers (plus benign instructions), by the chosen method."""
+    validate(cfg, "align")
     out = stage_dirs(cfg)["align"]
     if out.exists():
         return out
     cfg = resolve(cfg)
-    validate(cfg)
     method = ALIGN_METHODS.get(cfg.align.method)
     params = cfg.align.resolved_params(ALIGN_METHODS)
     with _stage_output(out) as work:
@@ -119,12 +160,12 @@ def align(cfg: RunConfig) -> Path:
 
 def finetune(cfg: RunConfig) -> Path:
     """The user's fine-tune: LoRA #2 on n task samples of which round(p * n) are harmful."""
+    validate(cfg, "finetune")
     align_dir = align(cfg)
     out = stage_dirs(cfg)["finetune"]
     if out.exists():
         return out
     cfg = resolve(cfg)
-    validate(cfg)
     ft = cfg.finetune
     method = FINETUNE_METHODS.get(ft.method)
     params = ft.resolved_params(FINETUNE_METHODS)
@@ -159,6 +200,7 @@ def finetune(cfg: RunConfig) -> Path:
 
 def repair(cfg: RunConfig) -> Path:
     """Edit the fine-tune adapter without training; returns the folder of the adapter to evaluate."""
+    validate(cfg, "repair")
     finetune_dir = finetune(cfg)
     method = REPAIR_METHODS.get(cfg.repair.method)
     if not method.edits:
@@ -167,7 +209,6 @@ def repair(cfg: RunConfig) -> Path:
     if out.exists():
         return out
     cfg = resolve(cfg)
-    validate(cfg)
     params = cfg.repair.resolved_params(REPAIR_METHODS)
     with _stage_output(out) as work:
         if work is None:  # another process built it while this one waited
@@ -195,16 +236,12 @@ def evaluate(cfg: RunConfig) -> dict[str, Any]:
     judge are loaded one after another, never together. Generated answers are saved in the scratch
     folder before the judges run, so a judge that fails to load does not cost the generation again.
     """
-    from alignshield.evaluate.judges import check_options
-
-    for name in cfg.evaluate.judges:  # a typo in judge options must not cost a training run first
-        check_options(name, cfg.evaluate.judge_options.get(name))
+    validate(cfg, "evaluate")  # a judge that cannot load, or a typo in its options, costs no training first
     final_dir = repair(cfg)
     dirs = stage_dirs(cfg)
     out = dirs["evaluate"]
     if not out.exists():
         cfg = resolve(cfg)
-        validate(cfg)
         with _stage_output(out) as work:
             if work is not None:
                 _evaluate_into(work, cfg, final_dir, dirs)

@@ -21,8 +21,8 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from alignshield.config import MethodParams, ModelConfig, TrainSettings
-from alignshield.data.collate import PadCollator, Tokenized
-from alignshield.models.layers import DecoderLayout, discover
+from alignshield.data.collate import IGNORE_INDEX, PadCollator, Tokenized
+from alignshield.models.layers import DecoderLayout, cache_argument, discover, prefix_cache
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +46,153 @@ class EpochSampler(Sampler[int]):
         return self.n
 
 
+class LengthGroupedSampler(EpochSampler):
+    """``EpochSampler``'s permutation, then, within each window of ``window`` batches, examples sorted
+    by prompt template and length, so each batch holds similar lengths (little compute goes to
+    padding) and one template's preamble (``train.share_prefix`` computes it once); the batches are
+    then shuffled. Derived from (seed, epoch) alone: deterministic and resumable.
+
+    transformers' ``group_by_length`` idea; every example is still seen once per epoch, and a batch is
+    still a random draw of its window's (template, length) stratum.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, window: int = 16,
+                 templates: list[int] | None = None):
+        super().__init__(len(lengths), seed)
+        self.lengths, self.batch_size, self.window = lengths, batch_size, window
+        self.templates = templates or [0] * len(lengths)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.n, generator=g).tolist()
+        span = self.batch_size * self.window
+        batches = []
+        for start in range(0, self.n, span):
+            chunk = sorted(order[start:start + span], key=lambda i: (self.templates[i], -self.lengths[i]))
+            batches += [chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+        # a short last batch stays last (the DataLoader cuts batches from the flat order)
+        full = [b for b in batches if len(b) == self.batch_size]
+        rest = [b for b in batches if len(b) < self.batch_size]
+        shuffled = [full[i] for i in torch.randperm(len(full), generator=g).tolist()]
+        return iter([i for b in shuffled + rest for i in b])
+
+
+MIN_SHARED_PREFIX = 8  # tokens: below this the extra forward call costs more than sharing saves
+
+
+def shared_prefix_length(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens at the start that every row of the batch has in common (the template's preamble, a
+    shared instruction) and that predict no label: they can be computed once for the whole batch.
+    0 when that is fewer than ``MIN_SHARED_PREFIX`` tokens or the batch has one row."""
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    if ids.shape[0] < 2:
+        return 0
+    same = ((ids == ids[:1]).all(0) & mask.bool().all(0)).long()
+    common = int(same.cumprod(0).sum())
+    labelled = (labels != IGNORE_INDEX).any(0).nonzero()
+    first_label = int(labelled[0]) if len(labelled) else ids.shape[1]
+    # positions t < P must predict no label: the token at t + 1 <= P is a prompt token
+    shared = min(common, first_label - 1)
+    return shared if shared >= MIN_SHARED_PREFIX else 0
+
+
+def _prefix_inputs(model: torch.nn.Module, batch: dict[str, torch.Tensor], shared: int) -> dict:
+    """Inputs that make ``model`` compute every row from the shared prefix's cache on (computed once):
+    exactly what the full forward computes for the rest of each row."""
+    ids = batch["input_ids"]
+    cache = prefix_cache(model, ids[:1, :shared], ids.shape[0])
+    positions = torch.arange(shared, ids.shape[1], device=ids.device).unsqueeze(0).expand(ids.shape[0], -1)
+    return {"input_ids": ids[:, shared:], cache_argument(model): cache,
+            "position_ids": positions}
+
+
+def labelled_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor], sparse: bool = True,
+                    share_prefix: bool = False, **kwargs):
+    """The model's outputs and its logits at the positions that predict a label.
+
+    Causal-LM losses read the logits at positions t whose next token t+1 is a label (not
+    ``IGNORE_INDEX``): the prompt and padding are masked anyway. With ``sparse`` a pre-hook on the
+    output head gives it just those hidden states, so the (vocabulary-sized) head, its softmax and
+    their backward run on a fraction of the tokens; without, the full logits are computed and those
+    rows selected. With ``share_prefix`` the tokens every row starts with (``shared_prefix_length``)
+    are computed once, not once per row. The same values either way (up to float rounding).
+    Returns ``(outputs, logits [N, V], targets [N])``; ``outputs`` carries the rest (e.g.
+    ``hidden_states`` when asked for in ``kwargs``, which turns prefix sharing off). A model whose
+    head does not take the last hidden states as its input falls back to full logits, with a warning.
+    """
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE_INDEX
+    shared = shared_prefix_length(batch) if share_prefix and not kwargs else 0
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], **kwargs}
+    if shared:
+        inputs |= _prefix_inputs(model, batch, shared)
+    rows = keep[:, shared:]  # the positions this forward computes, minus the last
+    inner = getattr(model, "module", model)  # DDP
+    head = inner.get_output_embeddings() if sparse and hasattr(inner, "get_output_embeddings") else None
+    if head is None or type(inner) in _FULL_LOGITS:
+        out = model(**inputs)
+        return out, out.logits[:, :-1][rows], targets[keep]
+
+    def select(module, args):
+        hidden = args[0]
+        if hidden.dim() != 3 or hidden.shape[1] != rows.shape[1] + 1:
+            raise _HeadMismatch
+        return (hidden[:, :-1][rows], *args[1:])
+
+    handle = head.register_forward_pre_hook(select)
+    try:
+        out = model(**inputs)
+    except (_HeadMismatch, RuntimeError):  # e.g. a model that reshapes the logits to (batch, length, vocab);
+        out = None  # a real error raises again from the full-logits path below
+    finally:
+        handle.remove()
+    if out is None or out.logits.dim() != 2 or out.logits.shape[0] != int(keep.sum()):
+        log.warning("%s: its output head does not read the last hidden states as expected; computing full "
+                    "logits for this model (same loss, slower)", type(inner).__name__)
+        _FULL_LOGITS.add(type(inner))
+        return labelled_logits(model, batch, sparse=False, share_prefix=share_prefix, **kwargs)
+    return out, out.logits, targets[keep]
+
+
+class _HeadMismatch(Exception):
+    pass
+
+
+_FULL_LOGITS: set[type] = set()
+
+
+def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of the labelled-position ``logits`` [N, V], bit for bit what
+    transformers' causal-LM loss computes on the full logits: float32 log-softmax per row (``.float()``,
+    also from float64), then ``nll_loss`` with ``ignore_index`` over every position of ``labels``, so
+    its summation order is the same. No label at all (every answer cut off by max_length) gives 0
+    with a graph, not NaN."""
+    if not len(targets):
+        return logits.float().sum() * 0
+    picked = torch.log_softmax(logits.float(), dim=-1).gather(1, targets[:, None])
+    keep = (labels[:, 1:] != IGNORE_INDEX).reshape(-1)
+    every = picked.new_zeros(keep.numel(), 1).index_put((keep,), picked)
+    return torch.nn.functional.nll_loss(every, torch.where(keep, 0, IGNORE_INDEX), ignore_index=IGNORE_INDEX)
+
+
+def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], sparse: bool = True,
+                   share_prefix: bool = False) -> torch.Tensor:
+    """What ``model(**batch).loss`` computes (mean cross-entropy over the answer tokens), with the
+    logits computed at the labelled positions only when ``sparse`` and the batch's common prefix
+    computed once when ``share_prefix`` (``labelled_logits``)."""
+    _, logits, targets = labelled_logits(model, batch, sparse=sparse, share_prefix=share_prefix)
+    return token_cross_entropy(logits, targets, batch["labels"])
+
+
 class Trainer:
     """Supervised fine-tuning of the model's trainable (LoRA) parameters on tokenized pairs."""
 
     Params = MethodParams
     trains = True
+    shares_prefix = True
+    """Whether ``compute_loss`` may compute a batch's common prefix once (``train.share_prefix``). A
+    method that reads per-row activations of the prompt (Vaccine's perturbation of every position,
+    LDIFS's features) sets False."""
     ddp_find_unused_parameters = True
     """DDP: look for parameters without a gradient each step (one walk of the autograd graph). True
     by default because a method may freeze parameters after the model is wrapped (T-Vaccine); a
@@ -95,7 +237,9 @@ class Trainer:
         # under DeepSpeed an interrupted stage restarts from step 0 instead of resuming.
         self.resumable = self.accelerator.distributed_type != DistributedType.DEEPSPEED
         self.progress = progress and self.accelerator.is_main_process
-        self.sampler = EpochSampler(len(train_set), seed)
+        self.sampler = (LengthGroupedSampler([len(t.input_ids) for t in train_set], args.batch_size, seed,
+                                             templates=[t.template for t in train_set])
+                        if args.group_by_length else EpochSampler(len(train_set), seed))
         loader = DataLoader(train_set, batch_size=args.batch_size, sampler=self.sampler, collate_fn=self.collate)
         # names fixed now: methods may freeze some of them for a while (T-Vaccine), checkpoints keep all
         self.trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -113,11 +257,12 @@ class Trainer:
         )
         self.step = 0
         self.history: list[dict[str, float]] = []
+        self.share_prefix = self._can_share_prefix(model)
 
     # ------------------------------------------------------------ what methods override
 
     def compute_loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return model(**batch).loss
+        return causal_lm_loss(model, batch, sparse=self.args.sparse_logits, share_prefix=self.share_prefix)
 
     def training_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Forward, backward (gradients accumulate on the trainable parameters); returns the detached loss."""
@@ -136,6 +281,20 @@ class Trainer:
         pass
 
     # ------------------------------------------------------------ the loop
+
+    def _can_share_prefix(self, model: torch.nn.Module) -> bool:
+        """Prefix sharing is exact only without dropout (one mask would serve every row), without
+        activation checkpointing (the replay would write the cache twice) and in one process. It stays
+        off for float64 models, which exist to check the math to float64 precision: sharing changes
+        the logits in their last bits, and the float32 cross-entropy (transformers') would show it."""
+        config = getattr(model, "config", None)
+        rates = [v for k, v in (vars(config) if config is not None else {}).items()
+                 if ("dropout" in k or "pdrop" in k) and isinstance(v, float)]
+        dropout = any(r > 0 for r in rates) or any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
+        checkpointing = bool(getattr(model, "is_gradient_checkpointing", False))
+        float64 = any(p.dtype == torch.float64 for p in model.parameters())
+        return (self.args.share_prefix and self.shares_prefix and not dropout and not checkpointing
+                and not float64 and self.accelerator.num_processes == 1)
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         if self.args.optimizer == "sgd":

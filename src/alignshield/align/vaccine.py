@@ -41,6 +41,7 @@ def scale_to_norm(tensors: list[torch.Tensor], rho: float) -> list[torch.Tensor]
 @ALIGN_METHODS.register("vaccine")
 class VaccineTrainer(Trainer):
     Params = VaccineParams
+    shares_prefix = False  # the perturbation differs per row at every position
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

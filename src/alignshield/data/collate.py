@@ -16,6 +16,9 @@ IGNORE_INDEX = -100
 class Tokenized:
     input_ids: list[int]
     labels: list[int]
+    template: int = 0
+    """Which variant of the prompt template rendered it (1: with an ``### Input:``), so batching can
+    keep examples that share a preamble together (``train.LengthGroupedSampler``)."""
 
 
 def tokenize_pair(tokenizer, example: Example, template: str, max_length: int) -> Tokenized:
@@ -32,7 +35,7 @@ def tokenize_pair(tokenizer, example: Example, template: str, max_length: int) -
     prompt_ids = prompt_ids[-room_for_prompt:] if len(prompt_ids) > room_for_prompt else prompt_ids
     ids = (prompt_ids + answer_ids)[:max_length]
     labels = ([IGNORE_INDEX] * len(prompt_ids) + answer_ids)[:max_length]
-    return Tokenized(ids, labels)
+    return Tokenized(ids, labels, int(bool(example.input)))
 
 
 class PadCollator:

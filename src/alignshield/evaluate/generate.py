@@ -1,7 +1,12 @@
 """Batched greedy generation with left padding and the KV cache.
 
 Prompts are sorted by length and batched, so little compute goes to padding; answers come back in
-prompt order. Robustness: a prompt longer than ``max_prompt_tokens`` is cut from the LEFT (the end of
+prompt order. The tokens every prompt of a batch starts with (the template's preamble, a task's
+instruction) are computed once per batch and their key/value cache shared by its rows
+(``share_prefix``): each row is laid out as ``prefix | padding | rest``, and the attention mask and
+the positions make that the same computation as a left-padded row.
+
+Robustness: a prompt longer than ``max_prompt_tokens`` is cut from the LEFT (the end of
 the template, where the answer begins, is kept, and so are the leading special tokens such as BOS) and
 reported as truncated; decoding never raises (a tokenizer that fails on some ids falls back to
 token-by-token decoding with U+FFFD for what cannot be decoded).
@@ -14,6 +19,9 @@ from dataclasses import dataclass
 import torch
 
 from alignshield.evaluate.text import clean_text
+from alignshield.models.layers import cache_argument, prefix_cache
+
+MIN_SHARED_PREFIX = 8  # tokens: below this the extra prefill call costs more than sharing saves
 
 
 @dataclass
@@ -43,6 +51,25 @@ def encode_prompts(tokenizer, prompts: list[str], add_special_tokens: bool,
         encoded.append(ids)
         truncated.append(cut)
     return encoded, truncated
+
+
+def common_prefix(rows: list[list[int]]) -> int:
+    """Length of the token prefix all ``rows`` share, leaving every row at least one token of its own."""
+    shortest = min(len(r) for r in rows)
+    n = 0
+    while n < shortest - 1 and all(r[n] == rows[0][n] for r in rows):
+        n += 1
+    return n
+
+
+def _batch_inputs(tokenizer, rows: list[list[int]], shared: int, device) -> dict[str, torch.Tensor]:
+    """``prefix | left padding | rest`` per row, with its attention mask."""
+    rest = [r[shared:] for r in rows]
+    width = max(len(r) for r in rest)
+    pad = tokenizer.pad_token_id
+    ids = [r[:shared] + [pad] * (width - len(t)) + t for r, t in zip(rows, rest)]
+    mask = [[1] * shared + [0] * (width - len(t)) + [1] * len(t) for t in rest]
+    return {"input_ids": torch.tensor(ids, device=device), "attention_mask": torch.tensor(mask, device=device)}
 
 
 def _end_ids(tokenizer, model) -> set[int]:
@@ -98,6 +125,7 @@ def generate_batch(
     max_prompt_tokens: int | None = None,
     desc: str = "generate",
     progress: bool = True,
+    share_prefix: bool = True,
 ) -> Generation:
     """Greedy answers plus per-prompt truncation flags and token counts."""
     from tqdm.auto import tqdm
@@ -112,23 +140,27 @@ def generate_batch(
     encoded, truncated = encode_prompts(tokenizer, prompts, add_special_tokens, max_prompt_tokens)
     if not n:
         return Generation(answers, truncated, [], new_tokens)
-    was_training, side = model.training, tokenizer.padding_side
+    was_training = model.training
     model.eval()
-    tokenizer.padding_side = "left"
     order = sorted(range(n), key=lambda i: len(encoded[i]))
     device = next(model.parameters()).device
     ends = _end_ids(tokenizer, model)
     try:
         for start in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, unit="batch"):
             idx = order[start:start + batch_size]
-            batch = tokenizer.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt").to(device)
-            out = model.generate(**batch, generation_config=config)
+            rows = [encoded[i] for i in idx]
+            shared = common_prefix(rows) if share_prefix and len(rows) > 1 else 0
+            if shared < MIN_SHARED_PREFIX:
+                shared = 0
+            batch = _batch_inputs(tokenizer, rows, shared, device)
+            cache = {cache_argument(model): prefix_cache(model, batch["input_ids"][:1, :shared], len(rows))} \
+                if shared else {}
+            out = model.generate(**batch, **cache, generation_config=config)
             rows = out[:, batch["input_ids"].shape[1]:].tolist()
             for i, row, text in zip(idx, rows, safe_decode(tokenizer, rows)):
                 answers[i] = text
                 new_tokens[i] = count_new_tokens(row, ends)
     finally:
-        tokenizer.padding_side = side
         model.train(was_training)
     return Generation(answers, truncated, [len(e) for e in encoded], new_tokens)
 

@@ -52,7 +52,7 @@ def generate_answers(model: torch.nn.Module, tokenizer, cfg: RunConfig) -> tuple
     harmful = load_pool(ev.harmful)
     gen = generate_batch(model, tokenizer, [render_prompt(e, cfg.template, tokenizer) for e in harmful],
                          max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size, add_special_tokens=special,
-                         max_prompt_tokens=ev.max_prompt_tokens, desc="harmful prompts")
+                         max_prompt_tokens=ev.max_prompt_tokens, share_prefix=ev.share_prefix, desc="harmful prompts")
     samples = [{"kind": "harmful", "prompt": clean_text(e.prompt), "answer": a, "truncated": t, "verdicts": {}}
                for e, a, t in zip(harmful, gen.answers, gen.truncated)]
     metrics: dict[str, Any] = {"harmful_prompts": len(harmful),
@@ -64,7 +64,8 @@ def generate_answers(model: torch.nn.Module, tokenizer, cfg: RunConfig) -> tuple
     task_gen = generate_batch(model, tokenizer, [render_prompt(e, cfg.template, tokenizer) for e in examples],
                               max_new_tokens=ev.task_max_new_tokens or task.max_new_tokens,
                               batch_size=ev.batch_size, add_special_tokens=special,
-                              max_prompt_tokens=ev.max_prompt_tokens, desc=f"{task.name} test")
+                              max_prompt_tokens=ev.max_prompt_tokens, share_prefix=ev.share_prefix,
+                              desc=f"{task.name} test")
     totals: Counter = Counter()
     for e, row, a, t in zip(examples, rows, task_gen.answers, task_gen.truncated):
         scores = task.score(a, row)

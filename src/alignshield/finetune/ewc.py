@@ -18,7 +18,7 @@ from pydantic import Field
 from alignshield.config import MethodParams
 from alignshield.finetune import FINETUNE_METHODS
 from alignshield.finetune._common import alignment_pool
-from alignshield.train import Trainer
+from alignshield.train import Trainer, causal_lm_loss
 
 
 class EWCParams(MethodParams):
@@ -55,7 +55,7 @@ class EWCTrainer(Trainer):
         try:
             for b in range(n):
                 batch = {k: v.to(self.accelerator.device) for k, v in self.collate(pool[b * bs:(b + 1) * bs]).items()}
-                loss = model(**batch).loss
+                loss = causal_lm_loss(model, batch, sparse=self.args.sparse_logits, share_prefix=self.share_prefix)
                 grads = torch.autograd.grad(loss, self.trainable, allow_unused=True)
                 for f, g in zip(fisher, grads):
                     if g is not None:
@@ -71,7 +71,7 @@ class EWCTrainer(Trainer):
                    for f, p, a in zip(self.fisher, self.trainable, self.anchor))
 
     def compute_loss(self, model, batch):
-        loss = model(**batch).loss
+        loss = super().compute_loss(model, batch)
         if self.params.lamb:
             loss = loss + self.params.lamb * self.penalty()
         return loss

@@ -39,6 +39,7 @@ def feature_distance(features: list[torch.Tensor], reference: list[torch.Tensor]
 @FINETUNE_METHODS.register("ldifs")
 class LDIFSTrainer(Trainer):
     Params = LDIFSParams
+    shares_prefix = False  # the feature distance sums every row's positions
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -46,9 +47,10 @@ class LDIFSTrainer(Trainer):
         self.reference = AlignedReference(self.trainable_names, self.trainable)
 
     def layer_features(self, model, batch) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(the task loss, each decoder layer's output hidden states) from one forward."""
         with capture_outputs(self.layout.layers) as out:
-            result = model(**batch)
-        return result, [o[-1] for o in out]
+            loss = super().compute_loss(model, batch)
+        return loss, [o[-1] for o in out]
 
     def reference_features(self, batch) -> list[torch.Tensor]:
         with capture_outputs(self.layout.layers) as out:
@@ -57,8 +59,8 @@ class LDIFSTrainer(Trainer):
 
     def compute_loss(self, model, batch):
         if not self.params.rho:
-            return model(**batch).loss
-        result, features = self.layer_features(model, batch)
+            return super().compute_loss(model, batch)
+        loss, features = self.layer_features(model, batch)
         reference = self.reference_features(batch)
         reg = feature_distance(features, reference, batch["attention_mask"])
-        return result.loss + self.params.rho * reg
+        return loss + self.params.rho * reg

@@ -101,6 +101,27 @@ def discover(model: nn.Module, decoder_layers: str | None = None, attention_modu
     return DecoderLayout(path, names.pop() if len(names) == 1 else ",".join(sorted(names)), list(layers), attentions)
 
 
+def cache_argument(model: nn.Module) -> str:
+    """The keyword a model's forward takes its key/value cache by: ``cache`` (transformers >= 5.x)
+    or ``past_key_values`` (earlier)."""
+    import inspect
+
+    model = getattr(model, "module", model)  # DDP
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def prefix_cache(model: nn.Module, prefix: torch.Tensor, batch_size: int):
+    """The key/value cache of ``prefix`` (1 x P token ids), computed once by the model's decoder (no
+    output head) and repeated ``batch_size`` times: what every row that starts with ``prefix`` would
+    compute for it. Gradients flow through it when the caller trains."""
+    decoder = getattr(model, "module", model).get_decoder()
+    out = decoder(input_ids=prefix, attention_mask=torch.ones_like(prefix), use_cache=True)
+    cache = getattr(out, cache_argument(decoder))
+    cache.batch_repeat_interleave(batch_size)
+    return cache
+
+
 def attention_output(output) -> torch.Tensor:
     """The hidden-state tensor of an attention block's output (a tensor, or the first item of a tuple)."""
     return output[0] if isinstance(output, tuple) else output

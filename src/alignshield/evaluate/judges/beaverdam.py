@@ -31,7 +31,7 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from alignshield.evaluate.judges._hf import load_error, quiet_transformers, torch_device, torch_dtype
+from alignshield.evaluate.judges._hf import check_source, load_error, quiet_transformers, torch_device, torch_dtype
 from alignshield.evaluate.judges.base import JUDGES, Verdict
 from alignshield.evaluate.text import clean_text
 
@@ -66,6 +66,11 @@ class BeaverDamJudge:
     (the head's weight prefix; found automatically), ``trust_remote_code`` (off)."""
 
     name = JUDGE_NAME
+
+    @staticmethod
+    def check_available(model: str | None = BEAVERDAM_MODEL, **_) -> None:
+        """Before any compute: a local ``model`` path must hold a checkpoint."""
+        check_source(JUDGE_NAME, model)
 
     def __init__(
         self,

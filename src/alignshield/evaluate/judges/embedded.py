@@ -180,6 +180,15 @@ class EmbeddedJudge:
 
     name = JUDGE_NAME
 
+    @staticmethod
+    def check_available(weights: str | Path | None = None, **_) -> None:
+        """Before any compute: the judge's weights and its encoder package are there."""
+        folder = Path(weights) if weights is not None else WEIGHTS_DIR
+        missing = [f for f in (CONFIG_FILE, ADAPTER_FILE, HEAD_FILE) if not (folder / f).is_file()]
+        if missing:
+            raise _load_error(f"weights missing in {folder}: {', '.join(missing)}")
+        encoder_dir()
+
     def __init__(
         self,
         threshold: float = 0.5,
@@ -197,10 +206,7 @@ class EmbeddedJudge:
         self.device = device
         self.weights_dir = Path(weights) if weights is not None else WEIGHTS_DIR
 
-        # Check files first: a clear error is worth more than a lazy import.
-        missing = [f for f in (CONFIG_FILE, ADAPTER_FILE, HEAD_FILE) if not (self.weights_dir / f).is_file()]
-        if missing:
-            raise _load_error(f"weights missing in {self.weights_dir}: {', '.join(missing)}")
+        self.check_available(self.weights_dir)  # a clear error is worth more than a lazy import
         folder = encoder_dir()
 
         try:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Sequence
 
 from alignshield.evaluate.judges._hf import (
-    check_choice, load_error, quiet_transformers, torch_device, torch_dtype,
+    check_choice, check_source, load_error, quiet_transformers, torch_device, torch_dtype,
 )
 from alignshield.evaluate.judges.base import JUDGES, JudgeLoadError, Verdict
 from alignshield.evaluate.text import clean_text, is_empty
@@ -39,6 +39,11 @@ class HFClassifierJudge:
     ``trust_remote_code`` (off)."""
 
     name = JUDGE_NAME
+
+    @staticmethod
+    def check_available(model: str | None = None, **_) -> None:
+        """Before any compute: a local ``model`` path must hold a checkpoint."""
+        check_source(JUDGE_NAME, model)
 
     def __init__(
         self,
