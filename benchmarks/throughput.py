@@ -273,7 +273,7 @@ def main() -> None:
     work_all = sum(per_stage[s]["gflops_per_s"] * total(s, "optimized", "seconds") for s in per_stage)
     achieved = work_all / opt_all
 
-    gen = time_generation(model, tokenizer, cfg, n_prompts)
+    gen = time_generation(model.merge_and_unload(), tokenizer, cfg, n_prompts)  # evaluation sees merged models
     roof = {d: max(g, again) for (d, g), again in zip(roof.items(), roofline(list(roof), mcfg.hidden_size,
                                                                           mcfg.intermediate_size).values())}
     result = {

@@ -159,3 +159,24 @@ def test_prefix_sharing_is_off_where_it_would_change_the_math(tokenizer, tmp_pat
     assert not make(Trainer, MethodParams(), share_prefix=False).share_prefix
     assert not make(VaccineTrainer, VaccineParams()).share_prefix  # perturbs every position per row
     assert not make(Trainer, MethodParams(), lora=LORA.model_copy(update={"dropout": 0.1})).share_prefix
+
+
+def test_generation_feeds_the_head_a_contiguous_input_and_shares_prefixes_exactly(tokenizer):
+    import copy
+
+    from alignshield.evaluate.generate import generate_batch
+
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.pad_token = tokenizer.eos_token  # as models.load.load_tokenizer does
+    model = make_model(layers=2)
+    for p in model.parameters():
+        p.requires_grad_(False)  # as a merged model: the frozen head is where the slow path hid
+    seen = []
+    handle = model.lm_head.register_forward_hook(lambda m, args, out: seen.append(args[0].is_contiguous()))
+    prompts = [f"Below is an instruction. ### Instruction: word {'word ' * i}### Response:" for i in range(6)]
+    shared = generate_batch(model, tokenizer, prompts, max_new_tokens=5, batch_size=3, progress=False)
+    handle.remove()
+    plain = generate_batch(model, tokenizer, prompts, max_new_tokens=5, batch_size=3, progress=False,
+                           share_prefix=False)
+    assert seen and all(seen)
+    assert shared.answers == plain.answers and shared.new_tokens == plain.new_tokens

@@ -248,6 +248,18 @@ def evaluate(cfg: RunConfig) -> dict[str, Any]:
     return json.loads((out / "metrics.json").read_text(encoding="utf-8"))
 
 
+def final_model(cfg: RunConfig, final_dir: Path | None = None):
+    """The model the evaluation judges, with its tokenizer: the aligned base with the (repaired)
+    fine-tune adapter merged, or the aligned model as shipped when nothing was fine-tuned. Runs the
+    missing stages first when ``final_dir`` (``repair(cfg)``'s folder) is not given."""
+    final_dir = repair(cfg) if final_dir is None else final_dir
+    adapter = final_dir / ADAPTER_DIR
+    if adapter.exists():
+        model, tokenizer = _aligned_base(cfg)
+        return merge_adapter(model, adapter), tokenizer
+    return _aligned_model(cfg)  # no fine-tune adapter (finetune.method=none)
+
+
 def _evaluate_into(work: Path, cfg: RunConfig, final_dir: Path, dirs: dict[str, Path]) -> None:
     """Generate (or reload the answers saved by an interrupted attempt), judge, write the metrics."""
     from alignshield.evaluate.drift import analysis_metrics, reference_states
@@ -265,12 +277,7 @@ def _evaluate_into(work: Path, cfg: RunConfig, final_dir: Path, dirs: dict[str, 
             reference = reference_states(aligned, tokenizer, cfg)
             del aligned
             _release_memory()
-        adapter = final_dir / ADAPTER_DIR
-        if adapter.exists():
-            model, tokenizer = _aligned_base(cfg)
-            model = merge_adapter(model, adapter)
-        else:  # no fine-tune adapter (finetune.method=none): the aligned model as shipped
-            model, tokenizer = _aligned_model(cfg)
+        model, tokenizer = final_model(cfg, final_dir)
         metrics, samples = generate_answers(model, tokenizer, cfg)
         metrics |= analysis_metrics(model, tokenizer, cfg, reference)
         del model, reference

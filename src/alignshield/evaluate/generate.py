@@ -33,6 +33,8 @@ class Generation:
     """Per prompt: tokens fed to the model (after truncation)."""
     new_tokens: list[int]
     """Per prompt: tokens generated, up to and including the first end token."""
+    token_ids: list[list[int]] | None = None
+    """Per prompt: the generated token ids, up to and including the first end token."""
 
 
 def encode_prompts(tokenizer, prompts: list[str], add_special_tokens: bool,
@@ -136,12 +138,17 @@ def generate_batch(
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
     )
     n = len(prompts)
-    answers, new_tokens = [""] * n, [0] * n
+    answers, new_tokens, token_ids = [""] * n, [0] * n, [[] for _ in range(n)]
     encoded, truncated = encode_prompts(tokenizer, prompts, add_special_tokens, max_prompt_tokens)
     if not n:
-        return Generation(answers, truncated, [], new_tokens)
+        return Generation(answers, truncated, [], new_tokens, token_ids)
     was_training = model.training
     model.eval()
+    # generate() feeds the head the last position, a non-contiguous slice of the hidden states; with a
+    # frozen head weight PyTorch then multiplies through a batch-expanded copy of the weight
+    # (batch x hidden x vocab: seconds per prefill on a CPU). A contiguous input takes the plain matmul.
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    contiguous = head.register_forward_pre_hook(lambda m, args: (args[0].contiguous(), *args[1:])) if head else None
     order = sorted(range(n), key=lambda i: len(encoded[i]))
     device = next(model.parameters()).device
     ends = _end_ids(tokenizer, model)
@@ -160,9 +167,12 @@ def generate_batch(
             for i, row, text in zip(idx, rows, safe_decode(tokenizer, rows)):
                 answers[i] = text
                 new_tokens[i] = count_new_tokens(row, ends)
+                token_ids[i] = row[:new_tokens[i]]
     finally:
         model.train(was_training)
-    return Generation(answers, truncated, [len(e) for e in encoded], new_tokens)
+        if contiguous is not None:
+            contiguous.remove()
+    return Generation(answers, truncated, [len(e) for e in encoded], new_tokens, token_ids)
 
 
 def generate(
