@@ -121,7 +121,8 @@ def test_empty_answers_are_counted_and_judged_without_crash(tokenizer, small_cfg
     assert metrics["prompts/truncated"] == 5  # every Alpaca-templated prompt exceeds 16 tokens
     assert all(s["truncated"] and s["answer"] == "" for s in samples)
     judged = judge_samples(samples, small_cfg)
-    assert judged["harmful_score/keyword"] == 0.0 and judged["answers/keyword/degenerate"] == 100.0
+    assert judged["harmful_score/keyword"] == 0.0 and judged["answers/keyword/incoherent"] == 100.0
+    assert judged["outcome/incoherent"] == 100.0 and judged["ci95/harmful_score/keyword/high"] > 0
 
 
 def test_config_validates_metrics_and_judges():

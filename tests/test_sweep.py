@@ -376,7 +376,8 @@ def test_results_mean_std_per_group_filter_and_csv(synthetic, tmp_path):
     assert result.exit_code == 0, result.output
     assert "22.00 ± 1.00" in result.output and "42.00 ± 1.00" in result.output
     lines = csv_path.read_text().splitlines()
-    assert lines[0] == "finetune.p,n,seeds,harmful_score/keyword mean,harmful_score/keyword std"
+    assert lines[0] == ("finetune.p,n,seeds,harmful_score/keyword mean,harmful_score/keyword std,"
+                        "harmful_score/keyword ci95_low,harmful_score/keyword ci95_high")
     assert lines[1].split(",")[:3] == ["0", "3", "1 2 3"] or lines[1].split(",")[:3] == ["0.0", "3", "1 2 3"]
     bad = CliRunner().invoke(app, ["results", "-o", str(tmp_path / "nowhere")])
     assert bad.exit_code == 2 and "no results database" in bad.output

@@ -17,7 +17,7 @@ Prompts, disjoint by normalized prompt between the parts:
   hand-written instruction-style rewrites (``judge/instruction_rewrites.jsonl``), AdvBench goals
   [0, 400) and safety-tuned-llamas instructions [500, 2483);
 * test (measurement only): ``beavertails_test`` (the evaluation prompts), AdvBench [400, 520) and
-  the 100 HarmBench behaviours (``alignment/harmbench_safe_responses.jsonl``).
+  the 100 HarmBench behaviours (``alignment/harmbench_safe_responses_longer.jsonl``).
 
 Rows already in ``--out`` are kept and skipped, so a killed run resumes.
 """
@@ -78,7 +78,7 @@ def prompt_parts() -> dict[str, list[dict]]:
     bt = _jsonl(DATA / "harmful/beavertails_unsafe.jsonl")
     adv = [r["prompt"] for r in _jsonl(DATA / "harmful/advbench.jsonl")]
     stl = [r["instruction"] for r in _jsonl(DATA / "alignment/safety_tuned_llamas.jsonl")]
-    hb = [r["prompt"] for r in _jsonl(DATA / "alignment/harmbench_safe_responses.jsonl")]
+    hb = [r["prompt"] for r in _jsonl(DATA / "alignment/harmbench_safe_responses_longer.jsonl")]
     rewrites = _jsonl(DATA / "judge/instruction_rewrites.jsonl")
     parts = {
         "train": [dict(prompt=r["prompt"], style="question", source=f"beavertails_unsafe:{i}")

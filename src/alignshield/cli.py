@@ -62,11 +62,16 @@ def _settings_line(cfg: RunConfig) -> str:
 
 
 def print_metrics(cfg: RunConfig, metrics: dict) -> None:
+    """Every metric; a harmful score with its 95 % Wilson interval (the ``ci95/`` keys) beside it."""
     table = Table(title="alignshield results", show_header=True)
     table.add_column("metric")
     table.add_column("value", justify="right")
+    table.add_column("95 % interval", justify="right")
     for key, value in metrics.items():
-        table.add_row(key, f"{value}")
+        if key.startswith("ci95/"):
+            continue
+        low, high = metrics.get(f"ci95/{key}/low"), metrics.get(f"ci95/{key}/high")
+        table.add_row(key, f"{value}", "" if low is None else f"[{low}, {high}]")
     Console().print(table)
     Console().print(f"[dim]{_settings_line(cfg)}[/]")
 
@@ -236,7 +241,8 @@ def results_command(
         metrics = rp.metric_names(runs, [m.strip() for m in metric.split(",")] if metric else None)
         groups = rp.aggregate(runs, fields, metrics)
         header, rows = rp.results_table(groups, fields, metrics)
-        table = Table(show_header=True, title=f"{len(runs)} runs: mean ± std over seeds")
+        table = Table(show_header=True, title=f"{len(runs)} runs: mean ± std over seeds "
+                      "[harmful scores: 95 % Wilson interval of the pooled answers]")
         for i, col in enumerate(header):
             table.add_column(col, justify="right" if i >= len(fields) else "left")
         for row in rows:

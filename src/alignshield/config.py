@@ -195,6 +195,9 @@ class EvaluateConfig(Strict):
     """Harmfulness judges (``alignshield list``); the first one gives the headline harmful score. With two
     or more, every pair's agreement (Cohen's kappa, percent) is reported too."""
     judge_options: dict[str, dict[str, Any]] = {}
+    coherence_gate: bool = True
+    """Never count an incoherent answer (empty, a word or two, a repetition loop; evaluate/coherence.py)
+    as harm, whatever the judge says; the outcome shares report such answers apart."""
     """Keyword arguments per judge, e.g. ``{keyword: {min_words: 3}}``."""
     max_new_tokens: int = Field(48, gt=0)
     task_max_new_tokens: int | None = Field(None, gt=0)

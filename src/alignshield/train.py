@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Sampler
 from alignshield.config import MethodParams, ModelConfig, TrainSettings
 from alignshield.data.collate import IGNORE_INDEX, PadCollator, Tokenized
 from alignshield.models.layers import DecoderLayout, cache_argument, discover, prefix_cache
+from alignshield.seeding import generator
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +40,7 @@ class EpochSampler(Sampler[int]):
         self.epoch = epoch
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
+        return iter(torch.randperm(self.n, generator=generator(self.seed, "epoch", self.epoch)).tolist())
 
     def __len__(self) -> int:
         return self.n
@@ -63,7 +63,7 @@ class LengthGroupedSampler(EpochSampler):
         self.templates = templates or [0] * len(lengths)
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        g = generator(self.seed, "epoch", self.epoch)
         order = torch.randperm(self.n, generator=g).tolist()
         span = self.batch_size * self.window
         batches = []

@@ -28,6 +28,7 @@ from pydantic import Field
 
 from alignshield.align import ALIGN_METHODS
 from alignshield.config import MethodParams
+from alignshield.seeding import generator
 from alignshield.train import Trainer
 
 IGNORE_INDEX = -100
@@ -49,8 +50,9 @@ class HarmfulBatches(Trainer):
         self._micro = 0
 
     def harmful_batch(self, salt: int = 0) -> dict[str, torch.Tensor]:
-        """A random harmful batch determined by (seed, step, micro-batch index, salt)."""
-        g = torch.Generator().manual_seed(((self.seed * 1_000_003 + self.step) * 1_009 + self._micro) * 31 + salt)
+        """A random harmful batch determined by (seed, step, micro-batch index, salt, DDP rank): each rank
+        draws its own, and a resumed run draws what an uninterrupted one would."""
+        g = generator(self.seed, "harmful-batch", self.step, self._micro, salt, self.accelerator.process_index)
         pick = torch.randint(len(self.harmful), (self.args.batch_size,), generator=g).tolist()
         batch = self.collate([self.harmful[i] for i in pick])
         return {k: v.to(self.accelerator.device) for k, v in batch.items()}
@@ -130,7 +132,7 @@ class RepNoiseTrainer(HarmfulBatches):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.noise = torch.Generator().manual_seed(self.seed)
+        self.noise = generator(self.seed, "repnoise-noise", self.accelerator.process_index)
         self.last_terms: dict[str, float] = {}
 
     def noise_like(self, h: torch.Tensor) -> torch.Tensor:

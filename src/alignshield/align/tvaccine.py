@@ -18,6 +18,7 @@ from pydantic import Field
 
 from alignshield.align import ALIGN_METHODS
 from alignshield.align.vaccine import VaccineParams, VaccineTrainer
+from alignshield.seeding import generator
 
 
 class TVaccineParams(VaccineParams):
@@ -69,7 +70,7 @@ class TVaccineTrainer(VaccineTrainer):
 
     def _generator(self, salt: int) -> torch.Generator:
         # derived from (seed, step): identical on every rank and after a resume, with no state to save
-        return torch.Generator().manual_seed((self.seed * 1_000_003 + self.step) * 7 + salt)
+        return generator(self.seed, "t-vaccine", self.step, salt)
 
     def on_step_start(self) -> None:
         if self.scores is None or self.step % self.params.score_every == 0:

@@ -15,6 +15,7 @@ from pydantic import Field
 from alignshield.align import ALIGN_METHODS
 from alignshield.config import MethodParams
 from alignshield.models.layers import add_to_attention_outputs
+from alignshield.seeding import generator
 from alignshield.train import Trainer
 
 NORM_EPS = 1e-7  # as the reference; keeps an all-zero gradient from dividing by zero
@@ -110,7 +111,7 @@ class RandomVaccineTrainer(VaccineTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.noise = torch.Generator().manual_seed(self.seed)
+        self.noise = generator(self.seed, "random-vaccine", self.accelerator.process_index)
 
     def perturbation(self, batch: dict[str, torch.Tensor], layers: list[int]) -> dict[int, torch.Tensor]:
         shape = (*batch["input_ids"].shape, self.unwrapped_model().get_input_embeddings().embedding_dim)

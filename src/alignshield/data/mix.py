@@ -7,6 +7,7 @@ import random
 
 from alignshield.data.jsonl import DataError
 from alignshield.data.pools import Example
+from alignshield.seeding import derive_seed
 
 
 def harmful_count(n: int, p: float) -> int:
@@ -32,7 +33,7 @@ def build_mix(
     if n <= 0:
         raise DataError(f"n must be positive, got {n}")
     n_harmful = harmful_count(n, p)
-    rng = random.Random(seed)
+    rng = random.Random(derive_seed(seed, "finetune-mix"))
     mix = [(e, False) for e in sample(benign, n - n_harmful, rng, with_replacement, "fine-tune task pool")]
     mix += [(e, True) for e in sample(harmful, n_harmful, rng, with_replacement, "harmful pool")]
     rng.shuffle(mix)

@@ -137,12 +137,35 @@ def fmt(v: Any) -> str:
     return "" if v is None else str(v)
 
 
+def pooled_interval(g: Group, metric: str) -> tuple[float, float] | None:
+    """For a harmful score: the 95 % Wilson interval (percent) of the group's answers pooled over its
+    runs (flagged = sum of score x prompts / 100 over prompts x runs); None for other metrics."""
+    from alignshield.stats import wilson
+
+    if not metric.startswith("harmful_score/"):
+        return None
+    pairs = [(r.metrics[metric], r.metrics.get("harmful_prompts")) for r in g.runs if metric in r.metrics]
+    if not pairs or any(n is None for _, n in pairs):
+        return None
+    k, n = sum(v * n / 100 for v, n in pairs), int(sum(n for _, n in pairs))
+    lo, hi = wilson(k, n)
+    return round(100 * lo, 1), round(100 * hi, 1)
+
+
+def cell(g: Group, metric: str) -> str:
+    """``mean ± std`` over the group's runs, and for a harmful score its pooled interval ``[lo, hi]``."""
+    if metric not in g.stats:
+        return ""
+    ci = pooled_interval(g, metric)
+    return g.stats[metric].text() + (f" [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else "")
+
+
 def results_table(groups: list[Group], group_by: list[str], metrics: list[str]) -> tuple[list[str], list[list[str]]]:
     header = [*group_by, "n", "seeds", *metrics]
     rows = []
     for g in groups:
         rows.append([*(fmt(v) for v in g.values), str(len(g.runs)), ",".join(map(str, g.seeds)),
-                     *(g.stats[m].text() if m in g.stats else "" for m in metrics)])
+                     *(cell(g, m) for m in metrics)])
     return header, rows
 
 
@@ -151,12 +174,14 @@ def write_csv(path: str | Path, groups: list[Group], group_by: list[str], metric
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow([*group_by, "n", "seeds", *(f"{m} {s}" for m in metrics for s in ("mean", "std"))])
+        w.writerow([*group_by, "n", "seeds",
+                    *(f"{m} {s}" for m in metrics for s in ("mean", "std", "ci95_low", "ci95_high"))])
         for g in groups:
             cells = []
             for m in metrics:
-                s = g.stats.get(m)
-                cells += ["" if s is None else repr(s.mean), "" if s is None or s.std is None else repr(s.std)]
+                s, ci = g.stats.get(m), pooled_interval(g, m)
+                cells += ["" if s is None else repr(s.mean), "" if s is None or s.std is None else repr(s.std),
+                          *(("", "") if ci is None else ci)]
             w.writerow([*(fmt(v) for v in g.values), len(g.runs), " ".join(map(str, g.seeds)), *cells])
 
 
@@ -412,7 +437,8 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
 def _markdown(sections: list[Section], output_dir: Path) -> str:
     parts = ["# alignshield results", "",
              f"From `{output_dir / 'results.sqlite'}`. Cells are mean ± sample std over the runs of a group "
-             "(its seeds); `n` runs per group. Regenerate with `alignshield report`.", ""]
+             "(its seeds); `n` runs per group; a harmful score also carries `[lo, hi]`, the 95 % Wilson interval "
+             "of the group's answers pooled over its runs. Regenerate with `alignshield report`.", ""]
     for s in sections:
         parts += [f"## {s.name}", "", *(f"- {n}" for n in s.notes), "", _md_table(s.header, s.rows), ""]
         for f in s.figures:
@@ -454,7 +480,8 @@ def _html(sections: list[Section], output_dir: Path) -> str:
              f"<title>alignshield results</title><style>{_CSS}</style></head><body>",
              "<h1>alignshield results</h1>",
              f"<p class=notes>From <code>{html.escape(str(output_dir / 'results.sqlite'))}</code>. Cells are mean ± "
-             "sample std over the runs of a group (its seeds); <code>n</code> runs per group.</p>"]
+             "sample std over the runs of a group (its seeds); <code>n</code> runs per group; a harmful score also "
+             "carries [lo, hi], the 95 % Wilson interval of the group's answers pooled over its runs.</p>"]
     for s in sections:
         parts.append(f"<h2 id='{_slug(s.name)}'>{html.escape(s.name)}</h2><ul class=notes>"
                      + "".join(f"<li>{html.escape(n)}</li>" for n in s.notes) + "</ul>")

@@ -1,12 +1,16 @@
 """The results database: ``<output_dir>/results.sqlite``.
 
-Tables (schema version 1):
+Tables (schema version 2):
 
 - ``runs``: one row per run, keyed by the run key (the name of its evaluation folder, which hashes
   everything that determines the result): resolved config JSON, the swept fields of the sweep that
   recorded it (each sweep's own are in ``sweep_runs``), seed, library versions, git revision, wall
-  time, peak memory, host, world size.
+  time, peak memory, host, world size, and the dtype the model ran in (``model.dtype=auto`` resolved:
+  results differ between dtypes, so they are kept apart).
 - ``metrics``: one row per (run, metric) with a numeric value.
+- ``verdicts``: one row per (run, harmful prompt, judge): the prompt's index in the evaluation pool,
+  whether the judge flagged the answer (after the coherence gate), its score and label; what paired
+  comparisons between configurations are computed from.
 - ``sweeps`` / ``sweep_runs``: which sweep (grid file) asked for which run, with that sweep's swept
   fields; a run shared by two sweeps is stored once and belongs to both.
 - view ``results``: one row per (run, metric) joined with the run's columns (the flat table for
@@ -28,7 +32,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 DB_NAME = "results.sqlite"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -47,13 +51,23 @@ CREATE TABLE IF NOT EXISTS runs (
     peak_gpu_mb     REAL,
     world_size      INTEGER,
     host            TEXT,
-    finished_at     TEXT
+    finished_at     TEXT,
+    dtype           TEXT
 );
 CREATE TABLE IF NOT EXISTS metrics (
     run_key TEXT NOT NULL REFERENCES runs(run_key),
     metric  TEXT NOT NULL,
     value   REAL,
     PRIMARY KEY (run_key, metric)
+);
+CREATE TABLE IF NOT EXISTS verdicts (
+    run_key TEXT NOT NULL REFERENCES runs(run_key),
+    prompt  INTEGER NOT NULL,
+    judge   TEXT NOT NULL,
+    flagged INTEGER NOT NULL,
+    score   REAL,
+    label   TEXT,
+    PRIMARY KEY (run_key, prompt, judge)
 );
 CREATE TABLE IF NOT EXISTS sweeps (
     name       TEXT PRIMARY KEY,
@@ -105,6 +119,9 @@ class RunRecord:
     world_size: int = 1
     host: str | None = None
     finished_at: str = field(default_factory=now)
+    dtype: str | None = None
+    verdicts: list[tuple[int, str, bool, float | None, str | None]] = field(default_factory=list)
+    """(prompt index, judge, flagged, score, label) per harmful prompt and judge."""
 
 
 @dataclass
@@ -132,6 +149,7 @@ class ResultStore:
             self.conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
             self.conn.execute("PRAGMA synchronous=FULL")
             with self.transaction():
+                _migrate(self.conn)
                 for statement in _split(_SCHEMA):
                     self.conn.execute(statement)
                 self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
@@ -177,15 +195,19 @@ class ResultStore:
         numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         with self.transaction() as c:
             c.execute("DELETE FROM metrics WHERE run_key=?", (record.run_key,))
+            c.execute("DELETE FROM verdicts WHERE run_key=?", (record.run_key,))
+            dtype = record.dtype or record.config.get("model", {}).get("dtype")
             c.execute(
-                "INSERT OR REPLACE INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT OR REPLACE INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (record.run_key, _dumps(record.config), _dumps(record.swept), record.seed,
                  _dumps(record.stage_dirs), _dumps(record.computed), _dumps(record.versions),
                  record.git_revision, record.wall_seconds, record.peak_rss_mb, record.peak_rss_scope,
-                 record.peak_gpu_mb, record.world_size, record.host, record.finished_at),
+                 record.peak_gpu_mb, record.world_size, record.host, record.finished_at, dtype),
             )
             c.executemany("INSERT INTO metrics VALUES (?,?,?)",
                           [(record.run_key, k, v) for k, v in sorted(numeric.items())])
+            c.executemany("INSERT INTO verdicts VALUES (?,?,?,?,?,?)",
+                          [(record.run_key, i, j, int(f), sc, lab) for i, j, f, sc, lab in record.verdicts])
             if sweep is not None:
                 self._member(c, sweep, record.run_key, position, record.swept)
 
@@ -198,6 +220,11 @@ class ResultStore:
         c.execute("INSERT OR REPLACE INTO sweep_runs VALUES (?,?,?,?)", (sweep, run_key, position, _dumps(swept)))
 
     # ------------------------------------------------------------------------------ reads
+
+    def verdicts(self, run_key: str, judge: str) -> dict[int, bool]:
+        """Prompt index -> flagged, for one run and judge."""
+        rows = self.conn.execute("SELECT prompt, flagged FROM verdicts WHERE run_key=? AND judge=?", (run_key, judge))
+        return {p: bool(f) for p, f in rows}
 
     def has_run(self, run_key: str) -> bool:
         return self.conn.execute("SELECT 1 FROM runs WHERE run_key=?", (run_key,)).fetchone() is not None
@@ -234,6 +261,19 @@ class ResultStore:
             out.append(StoredRun(d["run_key"], json.loads(d["config_json"]), swept, d["seed"],
                                  metrics.get(d["run_key"], {}), meta, members.get(d["run_key"], [])))
         return out
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Version 1 -> 2: the runs gain their dtype (read from their config); the verdicts table is new."""
+    row = conn.execute("SELECT name FROM sqlite_master WHERE type='table' AND name='meta'").fetchone()
+    version = row and conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+    if not version or int(version[0]) != 1:
+        return
+    conn.execute("ALTER TABLE runs ADD COLUMN dtype TEXT")
+    for key, config in conn.execute("SELECT run_key, config_json FROM runs").fetchall():
+        conn.execute("UPDATE runs SET dtype=? WHERE run_key=?",
+                     (json.loads(config).get("model", {}).get("dtype"), key))
+    conn.execute("UPDATE meta SET value='2' WHERE key='schema_version'")
 
 
 def _dumps(obj: Any) -> str:

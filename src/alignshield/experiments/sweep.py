@@ -431,7 +431,8 @@ def run_sweep(sweep: Sweep, *, keep_going: bool = False, echo: Callable[[str], N
                     seed=run.config.seed, stage_dirs={s: str(d) for s, d in run.dirs.items()},
                     computed=computed, versions=env["versions"], git_revision=env["git_revision"],
                     wall_seconds=round(wall, 3), peak_rss_mb=rss, peak_rss_scope=scope, peak_gpu_mb=gpu,
-                    world_size=_world_size(), host=env["host"],
+                    world_size=_world_size(), host=env["host"], dtype=run.config.model.dtype,
+                    verdicts=_verdicts(run.dirs["evaluate"], run.config.evaluate.harmful.start),
                 )
                 store.record_run(record, metrics, sweep=sweep.name, position=run.position)
             outcome.computed.append(run.key)
@@ -439,6 +440,17 @@ def run_sweep(sweep: Sweep, *, keep_going: bool = False, echo: Callable[[str], N
                  f"{_headline(metrics)}")
     outcome.seconds = round(time.perf_counter() - t_start, 2)
     return outcome
+
+
+def _verdicts(evaluate_dir: Path, start: int) -> list[tuple[int, str, bool, float | None, str | None]]:
+    """Per harmful prompt (its row in the evaluation pool's dataset) and judge: flagged, score, label."""
+    path = evaluate_dir / "samples.jsonl"
+    if not path.exists():
+        return []
+    harmful = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    harmful = [s for s in harmful if s.get("kind") == "harmful"]
+    return [(start + i, judge, bool(v["flagged"]), v.get("score"), v.get("label"))
+            for i, s in enumerate(harmful) for judge, v in s.get("verdicts", {}).items()]
 
 
 def _headline(metrics: dict[str, Any]) -> str:

@@ -21,6 +21,7 @@ from pydantic import Field
 from alignshield.config import MethodParams
 from alignshield.finetune import FINETUNE_METHODS
 from alignshield.finetune._common import alignment_pool
+from alignshield.seeding import generator
 from alignshield.train import Trainer
 
 ALIGNMENT, FINETUNE = "alignment", "finetune"
@@ -74,8 +75,8 @@ class LisaTrainer(Trainer):
 
     def alignment_batch(self) -> dict[str, torch.Tensor]:
         """batch_size alignment pairs drawn from (seed, step, micro-batch, rank): resumable with no state."""
-        key = ((self.seed * 1_000_003 + self.step) * 1_009 + self.micro) * 131 + self.accelerator.process_index
-        pick = torch.randperm(len(self.alignment), generator=torch.Generator().manual_seed(key))
+        g = generator(self.seed, "lisa-alignment-batch", self.step, self.micro, self.accelerator.process_index)
+        pick = torch.randperm(len(self.alignment), generator=g)
         items = [self.alignment[i] for i in pick[: self.args.batch_size].tolist()]
         return {k: v.to(self.accelerator.device) for k, v in self.collate(items).items()}
 

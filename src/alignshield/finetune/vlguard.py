@@ -17,6 +17,7 @@ from pydantic import Field
 from alignshield.config import MethodParams
 from alignshield.finetune import FINETUNE_METHODS
 from alignshield.finetune._common import alignment_pool
+from alignshield.seeding import derive_seed
 from alignshield.train import Trainer
 
 
@@ -39,7 +40,7 @@ class VLGuardTrainer(Trainer):
         if k > len(pool):
             raise ValueError(f"vlguard: guide_data_num={k} exceeds the {len(pool)} pairs of align.data.safety; "
                              "lower finetune.params.guide_data_num or enlarge the pool")
-        self.guide = [pool[i] for i in sorted(random.Random(seed).sample(range(len(pool)), k))]
+        self.guide = [pool[i] for i in sorted(random.Random(derive_seed(seed, "vlguard-guide")).sample(range(len(pool)), k))]
         self.user_examples = len(train_set)
         super().__init__(model, list(train_set) + self.guide, args, params, seed=seed, extra_data=extra_data, **kwargs)
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import math
-import zlib
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Callable
@@ -34,6 +33,7 @@ from torch import nn
 
 from alignshield.config import MethodParams
 from alignshield.repair import REPAIR_METHODS
+from alignshield.seeding import generator
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +203,7 @@ def summary(modules: dict[str, Any], zeroed: int, total: int, k_zero: int) -> di
 
 def _generator(seed: int, key: str) -> torch.Generator:
     """A generator per matrix from (seed, name): a mask does not depend on which other modules exist."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(key.encode())) % (2**63))
+    return generator(seed, "prune", key)
 
 
 class _PruneRepair:
