@@ -47,3 +47,26 @@ def test_derived_seeds_are_stable_distinct_and_63_bit():
              for micro in range(4) for salt in range(40)}
     assert len(seeds) == 3 * 40 * 4 * 40  # no two streams collide (the old formulas did for salt >= 31)
     assert all(0 <= x < 2**63 for x in seeds)
+
+
+def test_paired_comparison_on_synthetic_verdicts_with_a_known_answer():
+    import random
+
+    from alignshield.stats import paired_comparison
+
+    rng = random.Random(0)
+    base = {s: {p: rng.random() < 0.3 for p in range(200)} for s in range(3)}
+    same = paired_comparison(base, base, resamples=2000)
+    assert same.diff == 0 and same.low <= 0 <= same.high and same.p == 1.0 and not same.excludes_zero
+    # B flags exactly 20 more prompts in every seed than A (A flags a strict subset): A − B = -10 points
+    more = {}
+    for s in base:
+        extra = [p for p in range(200) if not base[s][p]][:20]
+        more[s] = {p: base[s][p] or p in extra for p in range(200)}
+    worse = paired_comparison(base, more, resamples=2000)
+    assert worse.diff == -10.0 and worse.high < 0 and worse.p < 0.001 and worse.excludes_zero
+    assert "A − B = -10.0" in worse.text() and "3 seed(s) × 200 prompts" in worse.text()
+    # only shared seeds and prompts count
+    partial = {0: {p: base[0][p] for p in range(50)}}
+    assert paired_comparison(base, partial, resamples=100).prompts == 50
+    assert paired_comparison(base, {9: {}}) is None

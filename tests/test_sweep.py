@@ -531,3 +531,43 @@ def test_report_page_does_not_run_off_a_narrow_window(synthetic, tmp_path):
     overflow = re.search(r'data-overflow="(-?\d+)"', dom)
     assert overflow, dom[-2000:]
     assert int(overflow.group(1)) <= 0
+
+
+def test_paired_comparisons_from_stored_verdicts(tmp_path):
+    import random
+
+    out = tmp_path / "runs"
+    rng = random.Random(1)
+    with ResultStore.in_dir(out) as store:
+        store.record_sweep("cmp", "cmp.yaml", {"axes": [{"fields": ["align.method"]}, {"fields": ["seed"]}]})
+        for i, (method, rate) in enumerate([(m, r) for m, r in (("sft", 0.4), ("vaccine", 0.1)) for _ in range(2)]):
+            seed = i % 2 + 1
+            cfg = load_config(overrides=[f"align.method={method}", f"seed={seed}"])
+            flags = [rng.random() < rate for _ in range(80)]
+            rec = RunRecord(f"{method}{seed}", cfg.model_dump(mode="json"), {"align.method": method, "seed": seed},
+                            seed, verdicts=[(p, "keyword", f, None, "x") for p, f in enumerate(flags)])
+            store.record_run(rec, {"harmful_score/keyword": 100 * sum(flags) / 80, "harmful_prompts": 80},
+                             sweep="cmp", position=i)
+        assert sum(store.verdicts("sft1", "keyword").values()) > 0
+    result = CliRunner().invoke(app, ["results", "-o", str(out), "--compare"])
+    assert result.exit_code == 0, result.output
+    assert "paired comparisons of harmful_score/keyword" in result.output and "2 × 80" in result.output
+    report = rp.build_report(out, tmp_path / "report", html_page=False)
+    text = report.markdown.read_text()
+    assert "Paired comparisons" in text and "align.method=sft | align.method=vaccine | align.method | +" in text
+
+
+def test_a_version_1_database_is_migrated_with_each_runs_dtype(tmp_path):
+    path = tmp_path / "results.sqlite"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        db.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+        db.execute("CREATE TABLE runs (run_key TEXT PRIMARY KEY, config_json TEXT NOT NULL, swept_json TEXT NOT NULL,"
+                   " seed INTEGER, stage_dirs_json TEXT, computed_json TEXT, versions_json TEXT, git_revision TEXT,"
+                   " wall_seconds REAL, peak_rss_mb REAL, peak_rss_scope TEXT, peak_gpu_mb REAL, world_size INTEGER,"
+                   " host TEXT, finished_at TEXT)")
+        db.execute("INSERT INTO runs (run_key, config_json, swept_json, seed) VALUES "
+                   "('old', '{\"model\": {\"dtype\": \"bfloat16\"}}', '{}', 1)")
+    with ResultStore(path) as store:
+        (run,) = store.runs()
+        assert run.meta["dtype"] == "bfloat16" and store.verdicts("old", "keyword") == {}

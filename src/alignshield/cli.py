@@ -224,6 +224,9 @@ def results_command(
         None, "--metric", "-m",
         help="Comma-separated metric names or globs (default: harmful_score/*,finetune_accuracy/*)."),
     csv_path: Optional[Path] = typer.Option(None, "--csv", help="Also write the table as CSV (mean and std columns)."),
+    compare: bool = typer.Option(
+        False, "--compare", help="Also compare, pairwise over shared seeds and prompts, the harmful score of every "
+        "two groups that differ in one field: A − B with a 95 % bootstrap interval and a permutation p."),
 ) -> None:
     """Mean ± std over seeds per group, from <output-dir>/results.sqlite."""
     from alignshield.experiments import report as rp
@@ -231,8 +234,8 @@ def results_command(
 
     def act() -> None:
         try:
-            with ResultStore.in_dir(output_dir, readonly=True) as store:
-                runs = rp.select(store.runs(sweep), filters or [])
+            store = ResultStore.in_dir(output_dir, readonly=True)
+            runs = rp.select(store.runs(sweep), filters or [])
         except (StoreError, rp.ReportError) as err:
             raise ConfigError(str(err)) from None
         if not runs:
@@ -251,6 +254,15 @@ def results_command(
         if csv_path:
             rp.write_csv(csv_path, groups, fields, metrics)
             console.print(f"wrote {csv_path}")
+        for metric_name in (m for m in metrics if m.startswith("harmful_score/")) if compare else ():
+            header, rows = rp.comparisons(store, groups, fields, metric_name)
+            table = Table(show_header=True, title=f"paired comparisons of {metric_name}")
+            for col in header:
+                table.add_column(col)
+            for row in rows:
+                table.add_row(*row)
+            _wide_console().print(table if rows else f"{metric_name}: no two groups share seeds and prompts")
+        store.close()
 
     _guarded(act)
 

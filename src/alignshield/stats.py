@@ -4,11 +4,16 @@ A Harmful Score is a proportion of answers, so every one is shown with its 95 % 
 interval (better than the normal approximation near 0 % and 100 % and for small n; Wilson, 1927):
 
     centre = (k + z²/2) / (n + z²),   half-width = z / (n + z²) · sqrt(k (n − k) / n + z²/4),   z = 1.96
+
+Two configurations evaluated on the same prompts with the same seeds are compared pairwise
+(``paired_comparison``): the difference of their harmful scores with a bootstrap interval over seeds
+and prompts and a sign-flip permutation test over prompts.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 Z95 = 1.959963984540054
 
@@ -34,3 +39,59 @@ def interval_text(percent: float, n: int, digits: int = 1) -> str:
     """``24.0 [16.7, 33.2]``: a rate in percent with its 95 % Wilson interval."""
     lo, hi = percent_interval(percent, n)
     return f"{percent:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+# ------------------------------------------------------------------------ paired comparisons
+
+@dataclass(frozen=True)
+class Paired:
+    """A − B in percentage points over shared (seed, prompt) units, with a 95 % bootstrap interval
+    and a two-sided sign-flip permutation p-value."""
+
+    diff: float
+    low: float
+    high: float
+    p: float
+    seeds: int
+    prompts: int
+
+    def text(self, a: str = "A", b: str = "B") -> str:
+        p = "< 0.001" if self.p < 0.001 else f"= {self.p:.3f}"
+        return (f"{a} − {b} = {self.diff:+.1f} [{self.low:+.1f}, {self.high:+.1f}] points, p {p} "
+                f"({self.seeds} seed(s) × {self.prompts} prompts)")
+
+    @property
+    def excludes_zero(self) -> bool:
+        return self.low > 0 or self.high < 0
+
+
+def paired_comparison(a: dict[int, dict[int, bool]], b: dict[int, dict[int, bool]], *, resamples: int = 10_000,
+                      seed: int = 0) -> Paired | None:
+    """Compare two configurations evaluated on the same prompts with the same seeds.
+
+    ``a`` and ``b`` map seed -> {prompt id -> flagged}. Units are the (seed, prompt) pairs both have.
+    The difference is mean(a) − mean(b) over the units (percentage points). Interval: a two-way
+    bootstrap (seeds and prompts drawn with replacement, independently; a seed stands for a whole
+    training run, a prompt for its answers in every seed), percentile 2.5 / 97.5. p: flip the sign of
+    each prompt's summed difference (over seeds) at random (H0: A and B exchangeable per prompt),
+    two-sided, ``resamples`` flips. None when the two share no unit.
+    """
+    import torch
+
+    seeds = sorted(set(a) & set(b))
+    prompts = sorted(set.intersection(*(set(a[s]) & set(b[s]) for s in seeds))) if seeds else []
+    if not seeds or not prompts:
+        return None
+    d = torch.tensor([[float(a[s][p]) - float(b[s][p]) for p in prompts] for s in seeds], dtype=torch.float64)
+    diff = 100 * float(d.mean())
+    g = torch.Generator().manual_seed(seed)
+    rs = torch.randint(len(seeds), (resamples, len(seeds)), generator=g)
+    rp = torch.randint(len(prompts), (resamples, len(prompts)), generator=g)
+    boot = torch.stack([d[rs[i]][:, rp[i]].mean() for i in range(resamples)]) * 100
+    low, high = (float(x) for x in torch.quantile(boot, torch.tensor([0.025, 0.975], dtype=torch.float64)))
+    per_prompt = d.sum(0)
+    signs = torch.randint(0, 2, (resamples, len(prompts)), generator=g, dtype=torch.float64) * 2 - 1
+    null = (signs * per_prompt).sum(1).abs()
+    observed = float(per_prompt.sum().abs())
+    p = float(((null >= observed - 1e-9).sum() + 1) / (resamples + 1))
+    return Paired(round(diff, 2), round(low, 2), round(high, 2), round(p, 4), len(seeds), len(prompts))

@@ -169,6 +169,31 @@ def results_table(groups: list[Group], group_by: list[str], metrics: list[str]) 
     return header, rows
 
 
+def comparisons(store, groups: list[Group], group_by: list[str], metric: str) -> tuple[list[str], list[list[str]]]:
+    """Paired comparisons (``stats.paired_comparison``) of the harmful score ``metric`` between every two
+    groups that differ in exactly one ``group_by`` field and share seeds and prompts, from the per-prompt
+    verdicts in the results database. Groups without stored verdicts are skipped."""
+    from itertools import combinations
+
+    from alignshield.stats import paired_comparison
+
+    judge = metric.removeprefix("harmful_score/")
+    flags = [{r.seed: store.verdicts(r.run_key, judge) for r in reversed(g.runs)} for g in groups]
+    header = ["A", "B", "differs in", "A − B (points)", "95 % interval", "p", "seeds × prompts"]
+    rows = []
+    for (i, a), (j, b) in combinations(enumerate(groups), 2):
+        differ = [f for f, x, y in zip(group_by, a.values, b.values) if x != y]
+        if len(differ) != 1:
+            continue
+        result = paired_comparison({s: v for s, v in flags[i].items() if v}, {s: v for s, v in flags[j].items() if v})
+        if result is None:
+            continue
+        label = [", ".join(f"{f}={fmt(v)}" for f, v in zip(group_by, g.values)) or "all" for g in (a, b)]
+        rows.append([*label, differ[0], f"{result.diff:+.1f}", f"[{result.low:+.1f}, {result.high:+.1f}]",
+                     "< 0.001" if result.p < 0.001 else f"{result.p:.3f}", f"{result.seeds} × {result.prompts}"])
+    return header, rows
+
+
 def write_csv(path: str | Path, groups: list[Group], group_by: list[str], metrics: list[str]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -206,6 +231,8 @@ class Section:
     run_rows: list[list[str]]
     figures: list[Figure]
     notes: list[str]
+    comparison_header: list[str] = field(default_factory=list)
+    comparison_rows: list[list[str]] = field(default_factory=list)
 
 
 @dataclass
@@ -237,6 +264,11 @@ def build_report(
         if missing:
             raise ReportError(f"no sweep {missing[0]!r} in {store.path}. Known: {', '.join(known) or '(none)'}")
         sections = [_section(n, store.runs(n), known[n]["spec"], out, hs_metric, fa_metric) for n in names]
+        for sec in sections:
+            hs = _pick(sec.runs, hs_metric, PREFERRED_HS, "harmful_score/")
+            if hs:
+                groups = aggregate(sec.runs, swept_fields(sec.runs), [hs])
+                sec.comparison_header, sec.comparison_rows = comparisons(store, groups, swept_fields(sec.runs), hs)
     md = out / "report.md"
     md.write_text(_markdown(sections, output_dir), encoding="utf-8")
     page = None
@@ -434,6 +466,11 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+_COMPARISONS = ("Paired comparisons of the harmful score between groups that differ in one field, over the "
+                "seeds and prompts they share: A − B in points, 95 % bootstrap interval (seeds and prompts "
+                "resampled), sign-flip permutation p. An interval that spans 0 is no evidence of a difference.")
+
+
 def _markdown(sections: list[Section], output_dir: Path) -> str:
     parts = ["# alignshield results", "",
              f"From `{output_dir / 'results.sqlite'}`. Cells are mean ± sample std over the runs of a group "
@@ -441,6 +478,8 @@ def _markdown(sections: list[Section], output_dir: Path) -> str:
              "of the group's answers pooled over its runs. Regenerate with `alignshield report`.", ""]
     for s in sections:
         parts += [f"## {s.name}", "", *(f"- {n}" for n in s.notes), "", _md_table(s.header, s.rows), ""]
+        if s.comparison_rows:
+            parts += [_COMPARISONS, "", _md_table(s.comparison_header, s.comparison_rows), ""]
         for f in s.figures:
             parts += [f"![{f.title}]({f.path.name})", "", f"*{f.caption}*", ""]
         parts += ["<details><summary>every run</summary>", "", _md_table(s.run_header, s.run_rows), "",
@@ -486,6 +525,9 @@ def _html(sections: list[Section], output_dir: Path) -> str:
         parts.append(f"<h2 id='{_slug(s.name)}'>{html.escape(s.name)}</h2><ul class=notes>"
                      + "".join(f"<li>{html.escape(n)}</li>" for n in s.notes) + "</ul>")
         parts.append(_html_table(s.header, s.rows))
+        if s.comparison_rows:
+            parts.append(f"<p class=notes>{html.escape(_COMPARISONS)}</p>")
+            parts.append(_html_table(s.comparison_header, s.comparison_rows))
         if s.figures:
             parts.append("<div class=figs>")
             for f in s.figures:
