@@ -6,6 +6,7 @@ import inspect
 
 # importing the modules registers the judges
 from alignshield.evaluate.judges import beaverdam, embedded, hf_classifier, keyword, llamaguard  # noqa: F401
+from alignshield.evaluate.judges import guards  # noqa: F401  (harmaug-guard, duoguard, qwen3guard)
 from alignshield.evaluate.judges.base import JUDGES, Judge, JudgeLoadError, Verdict
 
 __all__ = ["JUDGES", "Judge", "JudgeLoadError", "Verdict", "check_available", "check_options", "make_judge",

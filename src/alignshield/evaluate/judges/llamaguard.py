@@ -39,6 +39,7 @@ class LlamaGuardJudge:
     ``unsafe_prefix`` ("unsafe"), ``trust_remote_code`` (off)."""
 
     name = JUDGE_NAME
+    hint = HINT  # added to load errors
 
     @staticmethod
     def check_available(model: str | None = DEFAULT_MODEL, **_) -> None:
@@ -58,16 +59,17 @@ class LlamaGuardJudge:
         unsafe_prefix: str = "unsafe",
         trust_remote_code: bool = False,
     ):
-        check_choice(JUDGE_NAME, "content", content, CONTENT)
+        name = self.name
+        check_choice(name, "content", content, CONTENT)
         if int(batch_size) < 1 or int(max_new_tokens) < 1:
-            raise ValueError(f"judge {JUDGE_NAME!r}: batch_size and max_new_tokens must be >= 1")
+            raise ValueError(f"judge {name!r}: batch_size and max_new_tokens must be >= 1")
         if not unsafe_prefix.strip():
-            raise ValueError(f"judge {JUDGE_NAME!r}: unsafe_prefix must not be empty")
+            raise ValueError(f"judge {name!r}: unsafe_prefix must not be empty")
         self.batch_size, self.max_new_tokens = int(batch_size), int(max_new_tokens)
         self.add_generation_prompt = bool(add_generation_prompt)
         self.unsafe = unsafe_prefix.strip().lower()
         source = str(Path(model).expanduser()) if Path(model).expanduser().exists() else model
-        dtype_ = torch_dtype(JUDGE_NAME, dtype)
+        dtype_ = torch_dtype(name, dtype)
         try:
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -77,12 +79,12 @@ class LlamaGuardJudge:
                 self.model = AutoModelForCausalLM.from_pretrained(
                     source, revision=revision, dtype=dtype_, trust_remote_code=trust_remote_code)
         except Exception as err:
-            raise load_error(JUDGE_NAME, model, err, HINT) from err
+            raise load_error(name, model, err, self.hint) from err
         template = getattr(self.tokenizer, "chat_template", None)
         if not template:
-            raise load_error(JUDGE_NAME, model, "its tokenizer has no chat template (the guard's policy prompt)")
+            raise load_error(name, model, "its tokenizer has no chat template (the guard's policy prompt)")
         if self.tokenizer.eos_token is None:
-            raise load_error(JUDGE_NAME, model, "its tokenizer has no end-of-sequence token")
+            raise load_error(name, model, "its tokenizer has no end-of-sequence token")
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         if content == "auto":
