@@ -184,7 +184,7 @@ def worker_stability(spec: dict) -> dict:
     from alignshield.data.pools import load_pool
     from alignshield.models.lora import attach_lora
     from alignshield.repair.antidote import AntidoteParams, InputStats, calibration_batches, collect_input_stats, wanda_score
-    from alignshield.repair.prune import find_targets, per_row_k, zero_top_k_per_row
+    from alignshield.repair.prune import per_row_k, select_targets, zero_top_k_per_row
 
     cfg = _config(spec)
     model, tokenizer = _load(cfg)
@@ -199,7 +199,7 @@ def worker_stability(spec: dict) -> dict:
     calibration = [tokenize_pair(tokenizer, e, cfg.template, cfg.finetune.train.max_length) for e in pool]
     full = min(params.n_calibration, len(calibration))
     checkpoints = sorted({n for n in (16, 32, 48, 64, 128, 256, 512, 1000) if n < full} | {full})
-    targets, _ = find_targets(model, params.target_modules)
+    targets, _ = select_targets(model, params)
     modules = {(t.name, w): t.factor(w) for t in targets for w in ("lora_A", "lora_B")}
     weights = {key: m.weight.detach().clone() for key, m in modules.items()}
     total = {key: InputStats(torch.zeros(m.in_features, dtype=torch.float64)) for key, m in modules.items()}
@@ -214,7 +214,8 @@ def worker_stability(spec: dict) -> dict:
         masks[n] = {}
         for key, w in weights.items():
             masks[n][key] = zero_top_k_per_row(w.clone(), wanda_score(w, total[key].mean_sq()),
-                                               per_row_k(params.alpha, w.shape[1]))
+                                               per_row_k(params.alpha, w.shape[1], params.rounding),
+                                               params.rounding)
     seconds = time.perf_counter() - t0
     agreement = {}
     for which in ("lora_A", "lora_B"):

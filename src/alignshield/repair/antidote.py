@@ -5,8 +5,11 @@ model, score every weight of the fine-tune adapter with the Wanda importance
 
     S_ij = |W_ij| * ||X_j||,   ||X_j|| = sqrt(mean over calibration tokens of x_j^2)
 
-where x is the input of that very linear map, and zero the k = floor(alpha * in) highest-scoring
-entries of every output row: the weights that matter most for producing harmful answers.
+where x is the input of that very linear map, and zero the k highest-scoring entries of every
+output row: the weights that matter most for producing harmful answers. By default, as in the
+reference (git-disl/Antidote ``utils.py:prune_wanda_outlier``), every LoRA module of the adapter is
+pruned (``targets=adapter``) and k = in - int(in * (1 - alpha)) (``rounding=reference``); the former
+defaults are ``targets=qkv`` and ``rounding=floor`` (k = floor(alpha * in)); see ``prune.py``.
 
 ``score=factors`` (the reference): ``lora_A`` (r x in) is scored with the layer input, ``lora_B``
 (out x r) with the output of ``lora_A``; both are pruned in place and the adapter keeps its shape.
@@ -40,10 +43,10 @@ from alignshield.repair import REPAIR_METHODS
 from alignshield.repair.prune import (
     LoraTarget,
     PruneParams,
-    find_targets,
     matrix_entry,
     per_row_k,
     prune_factors,
+    select_targets,
     summary,
     zero_top_k_per_row,
 )
@@ -53,8 +56,10 @@ log = logging.getLogger(__name__)
 
 class AntidoteParams(PruneParams):
     """Antidote's settings. Paper/reference defaults: alpha (``dense_ratio``) = 0.1, 2000 harmful
-    calibration samples (``bad_sample_num=2000``), q/k/v LoRA targets, LoRA A and B scored apart
-    (git-disl/Antidote ``script/finetune/antidote_poison_ratio.sh``, ``utils.py:prune_wanda_outlier``).
+    calibration samples (``bad_sample_num=2000``), every LoRA module of the fine-tune adapter pruned
+    (``targets=adapter``) with the reference's per-row count (``rounding=reference``), LoRA A and B
+    scored apart (git-disl/Antidote ``script/finetune/antidote_poison_ratio.sh``,
+    ``utils.py:prune_wanda_outlier``).
     """
 
     n_calibration: int = Field(2000, gt=0)
@@ -238,20 +243,20 @@ def store_dense_delta(model: nn.Module, target: LoraTarget, delta: torch.Tensor)
 
 
 def prune_merged(model: nn.Module, targets: list[LoraTarget], alpha: float,
-                 scores: dict[tuple[str, str], torch.Tensor]) -> dict[str, Any]:
+                 scores: dict[tuple[str, str], torch.Tensor], rounding: str) -> dict[str, Any]:
     modules, zeroed, total, k_zero = {}, 0, 0, 0
     for t in targets:
         rank_before = int(t.module.r[t.adapter])
         delta = lora_delta(t)
-        k = per_row_k(alpha, delta.shape[1])
-        mask = zero_top_k_per_row(delta, scores[(t.name, "delta")], k)
+        k = per_row_k(alpha, delta.shape[1], rounding)
+        mask = zero_top_k_per_row(delta, scores[(t.name, "delta")], k, rounding)
         entry = matrix_entry(delta, mask, k)
         rank = store_dense_delta(model, t, delta)
         modules[t.name] = {"delta": entry, "rank_before": rank_before, "stored_rank": rank}
         zeroed += entry["zeroed"]
         total += delta.numel()
         k_zero += k == 0
-    return summary(modules, zeroed, total, k_zero)
+    return summary(modules, zeroed, total, k_zero, rounding)
 
 
 # ----------------------------------------------------------------------------- the method
@@ -269,7 +274,7 @@ class Antidote:
         if not calibration:
             raise ValueError("antidote: the calibration set is empty; repair.calibration must select harmful "
                              "prompt/answer pairs (default: beavertails_unsafe rows [2200, 4200))")
-        targets, unmatched = find_targets(model, params.target_modules)
+        targets, selection = select_targets(model, params)
         if params.score == "merged":
             check_mergeable(targets)
         used = calibration[: min(params.n_calibration, len(calibration))]
@@ -278,11 +283,13 @@ class Antidote:
                      params.n_calibration, len(calibration), len(used))
         scores, tokens = antidote_scores(model, targets, used, params.score, params.batch_size, pad_token_id)
         if params.score == "factors":
-            report = prune_factors(targets, params.alpha, lambda t, which, w: scores[(t.name, which)])
+            report = prune_factors(targets, params.alpha, lambda t, which, w: scores[(t.name, which)],
+                                   params.rounding)
         else:
-            report = prune_merged(model, targets, params.alpha, scores)
-        log.info("antidote: zeroed %d of %d weights in %d modules (alpha=%s, %d calibration examples, %d tokens)",
-                 report["total_zeroed"], report["total_weights"], len(targets), params.alpha, len(used), tokens)
+            report = prune_merged(model, targets, params.alpha, scores, params.rounding)
+        log.info("antidote: zeroed %d of %d weights in %d modules (targets=%s, rounding=%s, alpha=%s, "
+                 "%d calibration examples, %d tokens)", report["total_zeroed"], report["total_weights"],
+                 len(targets), selection["targets"], params.rounding, params.alpha, len(used), tokens)
         return {"method": "antidote", "alpha": params.alpha, "score": params.score, "n_calibration": len(used),
                 "n_calibration_requested": params.n_calibration, "calibration_tokens": tokens,
-                "unmatched_targets": unmatched, **report}
+                **selection, **report}

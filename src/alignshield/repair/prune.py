@@ -2,21 +2,35 @@
 
 Every pruning repair here does the same thing: for each targeted LoRA module of the fine-tune
 adapter, give every entry of ``lora_A`` (r x in) and ``lora_B`` (out x r) a score, and zero the k
-highest-scoring entries of every output row, with
+highest-scoring entries of every output row (``in_features`` = the row length: ``in`` for A, ``r``
+for B). Two options decide what is pruned:
 
-    k = floor(alpha * in_features)      (in_features = the row length: ``in`` for A, ``r`` for B)
+``targets`` (which modules)
+    ``adapter`` (default, the reference): every LoRA linear of the fine-tune adapter. The reference
+    prunes every ``nn.Linear`` whose name contains ``lora`` in every decoder layer
+    (git-disl/Antidote ``utils.py:313-337``, ``utils.py:664-667``), i.e. its whole adapter.
+    ``qkv``: only q_proj, k_proj, v_proj (our former default; the reference's adapter sits on exactly
+    these, ``train.py:266-270``). ``target_modules`` (explicit substrings) overrides both.
 
-``alpha`` is read as the decimal you wrote (0.29 * 100 gives 29, not the float 28.999...). With a
-small rank and a small alpha, k can be 0 for ``lora_B`` (r = 8, alpha = 0.1 -> floor(0.8) = 0): that
-factor is then left untouched and the report says so (``k: 0``). The reference zeroes
-``in - int(in * (1 - alpha))`` entries per row, i.e. ceil(alpha * in) whenever alpha * in is not an
-integer; see ``docs/methods/antidote.md``.
+``rounding`` (how many entries per row, and which on equal scores)
+    ``reference`` (default): ``k = in - int(in * (1 - alpha))`` in Python float arithmetic, exactly
+    as ``prune_wanda_outlier`` builds its mask (``utils.py:711, 721-723``): each row is sorted
+    ascending (stable), the first ``int(in * (1 - alpha))`` are kept and the rest, the highest
+    scores, are the mask that ``train.py:534-535`` zeroes (``param *= 1 - mask``). So among equal
+    scores the later column is zeroed, and k >= 1 whenever ``in * (1 - alpha)`` is not an integer
+    (r = 8: 1 entry per lora_B row for any alpha in (0, 0.125]). The float slop is kept on purpose
+    (alpha = 0.3, in = 90: 90 * 0.7 = 62.99999... so 28 are zeroed, not 27).
+    ``floor`` (our former rule): ``k = floor(alpha * in)`` with alpha read as the decimal you wrote
+    (0.29 * 100 gives 29), ties to the earlier column; k = 0 for lora_B at r = 8 and alpha < 0.125,
+    the factor is then left untouched and the report says so (``k: 0``).
 
 Methods differ only in the score (``zero_top_k_per_row`` is the one place entries are zeroed):
 
 * ``antidote`` (``antidote.py``): Wanda score |W_ij| * sqrt(mean x_j^2) on harmful calibration data.
 * ``magnitude-prune``: |W_ij|, no data.
 * ``random-prune``: iid uniform scores, i.e. a uniformly random k-subset of every row, from ``seed``.
+
+See ``docs/methods/antidote.md``.
 """
 
 from __future__ import annotations
@@ -25,10 +39,10 @@ import logging
 import math
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from alignshield.config import MethodParams
@@ -37,8 +51,20 @@ from alignshield.seeding import generator
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj"]
+QKV_TARGETS = ["q_proj", "k_proj", "v_proj"]
 FACTORS = ("lora_A", "lora_B")
+
+Targets = Literal["adapter", "qkv"]
+Rounding = Literal["reference", "floor"]
+
+K_RULES = {
+    "reference": "in_features - int(in_features * (1 - alpha)) per output row, Python float arithmetic (the "
+                 "reference's prune_wanda_outlier: each row sorted ascending, stable; the first "
+                 "int(in_features * (1 - alpha)) kept, the rest, the highest scores, zeroed; among equal scores "
+                 "the later column is zeroed)",
+    "floor": "floor(alpha * in_features) per output row, alpha read as its decimal; the highest scores zeroed, "
+             "among equal scores the earlier column",
+}
 
 
 class PruneParams(MethodParams):
@@ -47,37 +73,73 @@ class PruneParams(MethodParams):
     Defaults are the paper's (Huang et al., "Antidote: Post-fine-tuning Safety Alignment for Large
     Language Models against Harmful Fine-tuning", arXiv 2408.09600) and its reference code
     (git-disl/Antidote): alpha = 0.1 (``--dense_ratio 0.1``, SST-2 scripts; 0.05 for GSM8K and
-    AG News), LoRA on q_proj, k_proj, v_proj.
+    AG News), the whole fine-tune adapter pruned (``targets=adapter``), and the reference's per-row
+    count (``rounding=reference``, ``utils.py:prune_wanda_outlier``).
     """
 
     alpha: float = Field(0.1, gt=0, lt=1)
-    """Fraction of each output row to zero: k = floor(alpha * in_features) entries per row of every
-    pruned matrix. Paper default 0.1; the paper sweeps 0.01 to 0.25. Must lie strictly in (0, 1)."""
-    target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGETS), min_length=1)
-    """LoRA modules of the fine-tune adapter to prune, matched as substrings of module names (so
+    """Fraction of each output row to zero (the reference's ``dense_ratio``); the count per row is set
+    by ``rounding``. Paper default 0.1; the paper sweeps 0.01 to 0.25. Must lie strictly in (0, 1)."""
+    targets: Targets = "adapter"
+    """Which LoRA modules of the fine-tune adapter to prune. ``adapter`` (default, the reference): every
+    LoRA linear of the adapter (the reference prunes every ``lora`` linear it finds, ``utils.py:330``).
+    ``qkv``: q_proj, k_proj, v_proj only (the former default; on an adapter that sits on q/k/v only,
+    as the reference's does, the two are the same)."""
+    target_modules: list[str] | None = Field(None, min_length=1)
+    """Explicit override of ``targets``: LoRA modules matched as substrings of module names (so
     ``q_proj`` matches ``model.layers.3.self_attn.q_proj``). Names that match nothing are reported
-    and skipped; it is an error when none matches. Default = the reference's LoRA targets."""
+    and skipped; it is an error when none matches. Setting it together with ``targets`` is an error."""
+    rounding: Rounding = "reference"
+    """Entries zeroed per row of length ``in``. ``reference`` (default): ``in - int(in * (1 - alpha))``
+    exactly as the reference computes it (float arithmetic; among equal scores the later column is
+    zeroed), so every row loses at least one entry unless ``in * (1 - alpha)`` is an integer.
+    ``floor``: ``floor(alpha * in)`` (the former rule; 0 for rank-8 lora_B rows when alpha < 0.125)."""
+
+    @model_validator(mode="after")
+    def _one_target_rule(self):
+        if self.target_modules is not None and "targets" in self.model_fields_set:
+            raise ValueError("set either targets or target_modules, not both (target_modules overrides targets)")
+        return self
 
 
-def per_row_k(alpha: float, in_features: int) -> int:
-    """floor(alpha * in_features), with alpha taken as its shortest decimal form (no float slop)."""
-    return min(in_features, math.floor(Fraction(repr(float(alpha))) * in_features))
+def per_row_k(alpha: float, in_features: int, rule: Rounding = "reference") -> int:
+    """Entries zeroed in a row of ``in_features`` under ``rule``.
+
+    ``reference``: ``in_features - int(in_features * (1 - alpha))`` in float arithmetic, as the reference
+    does; ``floor``: floor(alpha * in_features) with alpha taken as its shortest decimal form.
+    """
+    if rule == "reference":
+        return in_features - int(in_features * (1 - float(alpha)))
+    if rule == "floor":
+        return min(in_features, math.floor(Fraction(repr(float(alpha))) * in_features))
+    raise ValueError(f"unknown rounding {rule!r}; expected 'reference' or 'floor'")
 
 
-def zero_top_k_per_row(weight: torch.Tensor, score: torch.Tensor, k: int) -> torch.Tensor:
+def zero_top_k_per_row(weight: torch.Tensor, score: torch.Tensor, k: int,
+                       rule: Rounding = "reference") -> torch.Tensor:
     """Zero, in place, the ``k`` highest-scoring entries of every row of ``weight``; return that mask.
 
-    Ties go to the lower column index (stable sort), so equal inputs always give equal masks.
+    Equal scores, deterministic either way: ``floor`` sorts descending (stable) and zeroes the first k,
+    so the earlier column goes first; ``reference`` sorts ascending (stable), keeps the first
+    ``in - k`` and zeroes the rest, as the reference does, so the later column goes first.
     """
     if score.shape != weight.shape:
         raise ValueError(f"score shape {tuple(score.shape)} differs from weight shape {tuple(weight.shape)}")
     if weight.dim() != 2:
         raise ValueError(f"expected a matrix, got shape {tuple(weight.shape)}")
+    if not 0 <= k <= weight.shape[1]:
+        raise ValueError(f"k = {k} is outside [0, {weight.shape[1]}]")
     if not torch.isfinite(score).all():
         raise ValueError("scores contain NaN or infinity (are the adapter weights finite?)")
     mask = torch.zeros(weight.shape, dtype=torch.bool, device=weight.device)
     if k > 0:
-        top = torch.argsort(score.to(weight.device), dim=1, descending=True, stable=True)[:, :k]
+        score = score.to(weight.device)
+        if rule == "reference":
+            top = torch.argsort(score, dim=1, descending=False, stable=True)[:, weight.shape[1] - k:]
+        elif rule == "floor":
+            top = torch.argsort(score, dim=1, descending=True, stable=True)[:, :k]
+        else:
+            raise ValueError(f"unknown rounding {rule!r}; expected 'reference' or 'floor'")
         mask.scatter_(1, top, True)
         with torch.no_grad():
             weight.masked_fill_(mask, 0)
@@ -115,8 +177,9 @@ def active_adapter(model: nn.Module) -> str:
     return names[0]
 
 
-def find_targets(model: nn.Module, target_modules: list[str]) -> tuple[list[LoraTarget], list[str]]:
-    """The LoRA linears whose name contains one of ``target_modules``, and the targets matching none.
+def find_targets(model: nn.Module, target_modules: list[str] | None) -> tuple[list[LoraTarget], list[str]]:
+    """The LoRA linears whose name contains one of ``target_modules`` (``None``: every LoRA linear of
+    the adapter), and the targets matching none.
 
     Raises ValueError naming the modules the adapter does have when nothing matches.
     """
@@ -127,7 +190,11 @@ def find_targets(model: nn.Module, target_modules: list[str]) -> tuple[list[Lora
     lora = [(n, m) for n, m in root.named_modules() if isinstance(m, LoraLayer) and adapter in m.lora_A]
     if not lora:
         raise ValueError(f"the model carries no LoRA layers for adapter {adapter!r}: nothing to repair")
-    chosen = [(n, m) for n, m in lora if any(t in n for t in target_modules)]
+    if target_modules is None:
+        chosen = lora
+        target_modules = []
+    else:
+        chosen = [(n, m) for n, m in lora if any(t in n for t in target_modules)]
     if not chosen:
         has = sorted({n.rsplit(".", 1)[-1] for n, _ in lora})
         raise ValueError(
@@ -148,6 +215,26 @@ def find_targets(model: nn.Module, target_modules: list[str]) -> tuple[list[Lora
     return targets, unmatched
 
 
+def select_targets(model: nn.Module, params: PruneParams) -> tuple[list[LoraTarget], dict[str, Any]]:
+    """The modules ``params`` selects (``target_modules`` if set, else ``targets``), and the report's
+    account of the choice: the rule in force, the substrings used (``None`` = the whole adapter), the
+    module types pruned and the substrings that matched nothing."""
+    if params.target_modules is not None:
+        rule, names = "target_modules", list(params.target_modules)
+    elif params.targets == "qkv":
+        rule, names = "qkv", list(QKV_TARGETS)
+    else:
+        rule, names = "adapter", None
+    targets, unmatched = find_targets(model, names)
+    return targets, {
+        "targets": rule,
+        "target_modules": names,
+        "pruned_module_types": sorted({t.name.rsplit(".", 1)[-1] for t in targets}),
+        "n_pruned_modules": len(targets),
+        "unmatched_targets": unmatched,
+    }
+
+
 # ----------------------------------------------------------------------------- pruning and the report
 
 ScoreFn = Callable[[LoraTarget, str, torch.Tensor], torch.Tensor]
@@ -166,8 +253,9 @@ def matrix_entry(matrix: torch.Tensor, mask: torch.Tensor, k: int) -> dict[str, 
     }
 
 
-def prune_factors(targets: list[LoraTarget], alpha: float, score_of: ScoreFn) -> dict[str, Any]:
-    """Zero the top-k-per-row entries of each target's ``lora_A`` and ``lora_B`` by ``score_of``."""
+def prune_factors(targets: list[LoraTarget], alpha: float, score_of: ScoreFn, rounding: Rounding) -> dict[str, Any]:
+    """Zero the top-k-per-row entries of each target's ``lora_A`` and ``lora_B`` by ``score_of``, with
+    k per row and the order on equal scores given by ``rounding``."""
     modules: dict[str, Any] = {}
     total = zeroed = 0
     untouched = []
@@ -175,9 +263,9 @@ def prune_factors(targets: list[LoraTarget], alpha: float, score_of: ScoreFn) ->
         entry = {}
         for which in FACTORS:
             weight = t.factor(which).weight
-            k = per_row_k(alpha, weight.shape[1])
+            k = per_row_k(alpha, weight.shape[1], rounding)
             with torch.no_grad():
-                mask = zero_top_k_per_row(weight, score_of(t, which, weight.detach()), k)
+                mask = zero_top_k_per_row(weight, score_of(t, which, weight.detach()), k, rounding)
             entry[which] = matrix_entry(weight.detach(), mask, k)
             total += weight.numel()
             zeroed += entry[which]["zeroed"]
@@ -185,14 +273,15 @@ def prune_factors(targets: list[LoraTarget], alpha: float, score_of: ScoreFn) ->
                 untouched.append(f"{t.name}.{which}")
         modules[t.name] = entry
     if untouched:
-        log.warning("repair: alpha=%s gives k=0 for %d matrices (rows too short), left unchanged, e.g. %s",
-                    alpha, len(untouched), untouched[0])
-    return summary(modules, zeroed, total, k_zero=len(untouched))
+        log.warning("repair: alpha=%s with rounding=%s gives k=0 for %d matrices (rows too short), left "
+                    "unchanged, e.g. %s", alpha, rounding, len(untouched), untouched[0])
+    return summary(modules, zeroed, total, k_zero=len(untouched), rounding=rounding)
 
 
-def summary(modules: dict[str, Any], zeroed: int, total: int, k_zero: int) -> dict[str, Any]:
+def summary(modules: dict[str, Any], zeroed: int, total: int, k_zero: int, rounding: Rounding) -> dict[str, Any]:
     return {
-        "k_rule": "floor(alpha * in_features) per output row",
+        "rounding": rounding,
+        "k_rule": K_RULES[rounding],
         "modules": modules,
         "total_zeroed": zeroed,
         "total_weights": total,
@@ -217,10 +306,10 @@ class _PruneRepair:
         raise NotImplementedError
 
     def repair(self, model, calibration, params: PruneParams, *, seed: int, pad_token_id: int | None = None):
-        targets, unmatched = find_targets(model, params.target_modules)
-        report = prune_factors(targets, params.alpha, lambda t, w, m: self.score(t, w, m, seed))
+        targets, selection = select_targets(model, params)
+        report = prune_factors(targets, params.alpha, lambda t, w, m: self.score(t, w, m, seed), params.rounding)
         return {"method": self.name, "alpha": params.alpha, "score": "factors", "n_calibration": 0,
-                "unmatched_targets": unmatched, **report}
+                **selection, **report}
 
 
 @REPAIR_METHODS.register("magnitude-prune")
