@@ -158,12 +158,13 @@ def test_tvaccine_samples_the_same_layers_on_every_rank(ddp_run):
     d0, d1 = _load(ddp_run, "t-vaccine", 0)["draws"], _load(ddp_run, "t-vaccine", 1)["draws"]
     assert len(d0) == 4 and d0 == d1  # resample_every=1: a draw per step
     assert all(len(d["layers"]) == 2 for d in d0)
-    # frozen layers did not train: a layer never drawn keeps its initial LoRA weights
+    # frozen layers did not train: a layer never drawn keeps its initial attention LoRA weights (the
+    # default, as the reference, freezes attention LoRA only; MLP LoRA trains in every layer)
     r0 = _load(ddp_run, "t-vaccine", 0)
     drawn = {i for d in d0 for i in d["layers"]}
     for key, value in r0["final"].items():
         layer = int(key.split(".layers.")[1].split(".")[0])
-        if layer not in drawn:
+        if layer not in drawn and ".self_attn." in key:
             assert torch.equal(value, r0["initial"][key]), key
 
 

@@ -17,14 +17,17 @@ from alignshield.models.lora import attach_lora
 from conftest import TINY_FAMILIES, make_model, tiny_config
 
 LORA = LoraSettings(r=4, alpha=8, target_modules="all-linear")
+LORA_DROPOUT = LoraSettings(r=4, alpha=8, dropout=0.1, target_modules="all-linear")
 
 
 def _data(tokenizer, n=16, answer="I'm sorry, I cannot help with that."):
     return [tokenize_pair(tokenizer, Example(f"question number {i}", "", answer), "alpaca", 48) for i in range(n)]
 
 
-def _trainer(cls, params, tokenizer, tmp_path, layers=2, dtype=torch.float64, steps=4, seed=0, **train):
-    model = attach_lora(make_model("llama", layers=layers, dtype=dtype, seed=seed), LORA)
+def _trainer(cls, params, tokenizer, tmp_path, layers=2, dtype=torch.float64, steps=4, seed=0, lora=LORA,
+             model=None, **train):
+    model = attach_lora(model if model is not None else make_model("llama", layers=layers, dtype=dtype, seed=seed),
+                        lora)
     args = TrainSettings(learning_rate=1e-2, max_steps=steps, batch_size=4, checkpoint_every=100, **train)
     return cls(model, _data(tokenizer), args, params, seed=seed, workdir=tmp_path, pad_token_id=tokenizer.eos_token_id,
                extra_data={"harmful": _data(tokenizer, 12, "Sure, here is how to do it step by step.")},
@@ -289,8 +292,8 @@ def test_schedule_k_and_j_are_honoured(tokenizer, tmp_path):
     assert report["active_steps_per_layer"] == expected and sum(expected) == 8 * 2
 
 
-def test_inactive_layers_are_frozen_and_only_active_ones_perturbed(tokenizer, tmp_path):
-    params = TVaccineParams(layers_per_step=1, resample_every=100)
+def test_freeze_all_freezes_inactive_layers_and_perturbs_only_active_ones(tokenizer, tmp_path):
+    params = TVaccineParams(layers_per_step=1, resample_every=100, inactive="freeze-all")
     trainer = _trainer(TVaccineTrainer, params, tokenizer, tmp_path, layers=3, steps=3)
     trainer.on_step_start()
     active = trainer.active
@@ -308,11 +311,14 @@ def test_inactive_layers_are_frozen_and_only_active_ones_perturbed(tokenizer, tm
     assert set(trainer.perturbation(_batch(tokenizer), trainer.active)) == set(active)
 
 
-def test_checkpointing_inactive_layers_changes_nothing(tokenizer, tmp_path):
+@pytest.mark.parametrize("inactive", ["freeze-attention", "freeze-all"])
+def test_checkpointing_inactive_layers_changes_nothing(tokenizer, tmp_path, inactive):
     runs = {}
     for on in (True, False):
-        params = TVaccineParams(layers_per_step=2, score_every=3, resample_every=2, checkpoint_inactive=on)
-        trainer = _trainer(TVaccineTrainer, params, tokenizer, tmp_path / str(on), layers=4, steps=5)
+        params = TVaccineParams(layers_per_step=2, score_every=3, resample_every=2, checkpoint_inactive=on,
+                                inactive=inactive)
+        trainer = _trainer(TVaccineTrainer, params, tokenizer, tmp_path / str(on), layers=4, steps=5,
+                           lora=LORA_DROPOUT)  # dropout: the recomputation must replay the same masks
         trainer.train()
         runs[on] = (trainer.history, trainer.draws,
                     {n: p.detach().clone() for n, p in trainer.unwrapped_model().named_parameters() if "lora" in n})
@@ -328,8 +334,9 @@ def test_layers_per_step_is_clamped_with_a_warning(tokenizer, tmp_path):
     assert trainer.n_active == 2
 
 
-def test_tvaccine_resume_is_bit_identical(tokenizer, tmp_path):
-    params = TVaccineParams(layers_per_step=1, score_every=2, resample_every=1)
+@pytest.mark.parametrize("inactive", ["freeze-attention", "freeze-all"])
+def test_tvaccine_resume_is_bit_identical(tokenizer, tmp_path, inactive):
+    params = TVaccineParams(layers_per_step=1, score_every=2, resample_every=1, inactive=inactive)
     full = _trainer(TVaccineTrainer, params, tokenizer, tmp_path / "full", layers=3, steps=4, dtype=torch.float32)
     full.args.checkpoint_every = 2
     full.train()
@@ -341,5 +348,259 @@ def test_tvaccine_resume_is_bit_identical(tokenizer, tmp_path):
     resumed = _trainer(TVaccineTrainer, params, tokenizer, tmp_path / "cut", layers=3, steps=4, dtype=torch.float32)
     resumed.train()  # ...and finish in a new trainer
     assert [d for d in resumed.draws] == full.draws
+    for (n, a), b in zip(full.unwrapped_model().named_parameters(), resumed.unwrapped_model().parameters()):
+        assert torch.equal(a, b), n
+
+
+def _lora_params(trainer):
+    """(layer, 'attention' | 'mlp', name, parameter) for every LoRA parameter inside a decoder layer."""
+    out = []
+    for n, p in trainer.unwrapped_model().named_parameters():
+        if "lora" in n and ".layers." in n:
+            layer = int(n.split(".layers.")[1].split(".")[0])
+            out.append((layer, "attention" if ".self_attn." in n else "mlp", n, p))
+    return out
+
+
+def test_freeze_attention_is_the_default_and_trains_mlp_lora_everywhere(tokenizer, tmp_path):
+    """The reference (Lslland/T-Vaccine trainer.py:240-249) sets requires_grad only on the attention
+    modules' parameters: the drawn layers' attention LoRA trains, MLP LoRA trains in every layer."""
+    assert TVaccineParams().inactive == "freeze-attention"
+    params = TVaccineParams(layers_per_step=1, resample_every=100)
+    trainer = _trainer(TVaccineTrainer, params, tokenizer, tmp_path, layers=3, steps=3)
+    trainer.on_step_start()
+    active = trainer.active
+    for layer, part, n, p in _lora_params(trainer):
+        assert p.requires_grad == (part == "mlp" or layer in active), n
+    before = {n: p.detach().clone() for _, _, n, p in _lora_params(trainer)}
+    trainer.train()
+    for layer, part, n, p in _lora_params(trainer):
+        changed = not torch.equal(before[n], p.detach())
+        if part == "mlp" or layer in active:
+            assert changed or "lora_A" in n, f"layer {layer} {part} LoRA did not train: {n}"
+        else:
+            assert not changed, f"inactive layer {layer}'s attention LoRA changed: {n}"
+    assert set(trainer.perturbation(_batch(tokenizer), trainer.active)) == set(active)  # perturbed: drawn only
+    trainer.finish()
+    assert all(p.requires_grad for *_, p in _lora_params(trainer))
+
+
+@pytest.mark.parametrize("inactive", ["freeze-attention", "freeze-all"])
+def test_checkpointed_inactive_layers_give_the_exact_gradients(tokenizer, tmp_path, inactive):
+    """One step with layers 0 and 1 not drawn (layer 0's input needs no grad: the case where reentrant
+    checkpointing, the reference's under torch 2.1, returns no gradient for the MLP LoRA inside):
+    every parameter's gradient is the same, bit for bit, with and without checkpointing, LoRA dropout on."""
+    grads = {}
+    for on in (True, False):
+        params = TVaccineParams(layers_per_step=1, checkpoint_inactive=on, inactive=inactive)
+        trainer = _trainer(TVaccineTrainer, params, tokenizer, tmp_path / str(on), layers=3, lora=LORA_DROPOUT)
+        trainer.activate([2])
+        assert [("forward" in layer.__dict__) for layer in trainer.layout.layers] == [on, on, False]
+        trainer.model.train()
+        torch.manual_seed(7)
+        trainer.training_step(_batch(tokenizer))
+        grads[on] = {n: (None if p.grad is None else p.grad.clone()) for layer, part, n, p in _lora_params(trainer)}
+        for layer, part, n, p in _lora_params(trainer):
+            trains = layer == 2 or (part == "mlp" and inactive == "freeze-attention")
+            assert (p.grad is not None) == trains, n
+            if trains and "lora_B" in n:
+                assert p.grad.abs().sum() > 0, n  # lora_B = 0 at start, so only lora_B's gradient is nonzero
+    for n, g in grads[True].items():
+        assert (g is None and grads[False][n] is None) or torch.equal(g, grads[False][n]), n
+
+
+# ----------------------------------------------------------------------------------- device_map
+
+
+def _counting_hook():
+    from accelerate.hooks import ModelHook
+
+    class Counting(ModelHook):
+        calls = 0
+
+        def pre_forward(self, module, *args, **kwargs):
+            Counting.calls += 1
+            return args, kwargs
+
+    return Counting()
+
+
+def _plain_forward(layer) -> bool:
+    """No wrapper of anyone's: the instance has no ``forward`` of its own, or the class's, bound."""
+    forward = layer.__dict__.get("forward")
+    return forward is None or getattr(forward, "__func__", None) is type(layer).forward
+
+
+def test_checkpointing_composes_with_an_accelerate_hook(tokenizer):
+    """accelerate keeps its device hook in the layer's instance ``forward`` (the original in
+    ``_old_forward``): checkpointing wraps it and switching off restores exactly it."""
+    from accelerate.hooks import add_hook_to_module, remove_hook_from_module
+
+    from alignshield.align.tvaccine import set_checkpointing
+
+    model = attach_lora(make_model("llama", layers=2, dtype=torch.float64), LORA)
+    model.train()
+    layer = discover(model).layers[0]
+    hook = _counting_hook()
+    add_hook_to_module(layer, hook)
+    hooked = layer.__dict__["forward"]
+    batch = _batch(tokenizer)
+
+    def run():
+        model.zero_grad()
+        out = model(**batch)
+        out.loss.backward()
+        return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    clean_logits, clean_grads = run()
+    for _ in range(3):  # activate / deactivate cycles
+        set_checkpointing(layer, True)
+        set_checkpointing(layer, True)  # idempotent: one wrapper, not two
+        assert layer._hf_hook is hook and layer.__dict__["forward"] is not hooked
+        calls = type(hook).calls
+        logits, grads = run()
+        assert type(hook).calls == calls + 2  # forward, and again on the recomputation in backward
+        assert torch.equal(logits, clean_logits) and all(torch.equal(grads[n], g) for n, g in clean_grads.items())
+        set_checkpointing(layer, False)
+        assert layer.__dict__["forward"] is hooked and layer._hf_hook is hook
+        set_checkpointing(layer, False)  # idempotent
+        assert layer.__dict__["forward"] is hooked
+    remove_hook_from_module(layer)
+    assert _plain_forward(layer)  # accelerate leaves the class's forward, bound, in the instance
+
+    # a hook added on top of our wrapper: switching off unwraps ours inside it, the hook stays
+    set_checkpointing(layer, True)
+    add_hook_to_module(layer, hook)
+    set_checkpointing(layer, True)  # already on, under the hook: nothing added
+    logits, _ = run()
+    assert torch.equal(logits, clean_logits)
+    set_checkpointing(layer, False)
+    assert layer._hf_hook is hook and "_alignshield_checkpointing" not in layer.__dict__
+    assert getattr(layer._old_forward, "__func__", None) is type(layer).forward
+    remove_hook_from_module(layer)
+    assert _plain_forward(layer)
+    assert torch.equal(run()[0], clean_logits)
+    set_checkpointing(layer, True)
+    set_checkpointing(layer, False)
+    assert _plain_forward(layer)
+
+
+def test_tvaccine_under_a_device_map_keeps_the_dispatch_hooks(tokenizer, tmp_path):
+    """A model dispatched by accelerate (AlignDevicesHook on every decoder layer, all on the CPU here)
+    trains T-Vaccine through many layer draws exactly as the undispatched model does, and every layer
+    ends with its hook, and nothing of ours, in place."""
+    from accelerate import dispatch_model
+    from accelerate.hooks import AlignDevicesHook
+
+    params = TVaccineParams(layers_per_step=1, score_every=2, resample_every=1)
+    runs = {}
+    for dispatched in (False, True):
+        model = make_model("llama", layers=3, dtype=torch.float64)
+        if dispatched:
+            device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu",
+                          "lm_head": "cpu", **{f"model.layers.{i}": "cpu" for i in range(3)}}
+            model = dispatch_model(model, device_map=device_map, force_hooks=True)
+            hooked = [layer.__dict__["forward"] for layer in model.model.layers]
+        trainer = _trainer(TVaccineTrainer, params, tokenizer, tmp_path / str(dispatched), steps=5, model=model)
+        trainer.train()
+        if dispatched:
+            assert len({tuple(d["layers"]) for d in trainer.draws}) > 1  # several draws happened
+            for layer, forward in zip(trainer.layout.layers, hooked):
+                assert isinstance(layer._hf_hook, AlignDevicesHook)
+                record = layer.__dict__.get("_alignshield_checkpointing")  # checkpointed: ours wraps the hook
+                assert layer.__dict__["forward"] is (forward if record is None else record[0])
+                assert record is None or record[1] is forward
+            trainer.finish()
+            assert [layer.__dict__["forward"] for layer in trainer.layout.layers] == hooked
+        runs[dispatched] = ([h["loss"] for h in trainer.history], trainer.draws)
+    assert runs[True] == runs[False]
+
+
+# ----------------------------------------------------------------------------------- RandomVaccine
+
+
+def _padded_batch(tokenizer):
+    items = [tokenize_pair(tokenizer, Example(q, "", a), "alpaca", 200) for q, a in [
+        ("hi", "No."), ("question number 1 with a much longer text to pad the others", "I'm sorry, I cannot."),
+        ("question two", "I cannot help with that, it is harmful.")]]
+    batch = PadCollator(tokenizer.eos_token_id)(items)
+    assert (batch["attention_mask"] == 0).any()
+    return batch
+
+
+def test_random_vaccine_noise_is_zero_on_padding_with_global_norm_rho(tokenizer, tmp_path):
+    rho = 2.0
+    trainer = _trainer(RandomVaccineTrainer, VaccineParams(rho=rho), tokenizer, tmp_path)
+    batch = _padded_batch(tokenizer)
+    pad = batch["attention_mask"] == 0
+    e = trainer.perturbation(batch, [0, 1])
+    for t in e.values():
+        assert torch.all(t[pad] == 0)
+        assert torch.all(t[~pad].abs().sum(-1) > 0)  # every real token is perturbed
+    assert abs(torch.sqrt(sum(t.pow(2).sum() for t in e.values())).item() - rho) < 1e-5  # all of rho on real tokens
+    # parity with Vaccine: its gradient-based e is exactly 0 at padding too, with the same global norm
+    vaccine = _trainer(VaccineTrainer, VaccineParams(rho=rho), tokenizer, tmp_path / "v")
+    ev = vaccine.perturbation(batch, [0, 1])
+    assert all(torch.all(t[pad] == 0) for t in ev.values())
+    assert abs(torch.sqrt(sum(t.pow(2).sum() for t in ev.values())).item() - rho) < 1e-5
+
+
+def test_random_vaccine_training_adds_the_masked_noise(tokenizer, tmp_path):
+    """The step's perturbed loss is the loss with exactly the drawn noise added (zero at padding)."""
+    trainer = _trainer(RandomVaccineTrainer, VaccineParams(rho=2.0), tokenizer, tmp_path)
+    batch = _padded_batch(tokenizer)
+    drawn, original = [], trainer.perturbation
+    trainer.perturbation = lambda b, layers, width=None: drawn.append(original(b, layers, width)) or drawn[-1]
+    trainer.model.train()
+    loss = trainer.training_step(batch)
+    assert len(drawn) == 1  # one draw per micro-batch, shared by both layers
+    e = {i: t.clone() for i, t in drawn[0].items()}
+    expected = _loss_with_explicit_e(trainer.model, trainer.layout, batch, e)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-6, atol=1e-9)
+
+
+def test_random_vaccine_noise_width_is_the_attention_output_width_on_opt(tokenizer, tmp_path):
+    """OPT-350m-like: word_embed_proj_dim (16) != hidden_size (32). The noise takes the attention
+    output's width, not the embedding's."""
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config("opt", layers=2)
+    config.word_embed_proj_dim = 16
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float64)
+    assert model.get_input_embeddings().embedding_dim == 16
+    trainer = _trainer(RandomVaccineTrainer, VaccineParams(rho=2.0), tokenizer, tmp_path, model=model)
+    assert trainer.attention_width() == 32
+    shapes = []
+    handles = [a.register_forward_hook(lambda m, a_, out: shapes.append(tuple((out[0] if isinstance(out, tuple)
+                                                                               else out).shape)))
+               for a in trainer.layout.attentions]
+    drawn, original = [], trainer.perturbation
+    trainer.perturbation = lambda b, layers, width=None: drawn.append(original(b, layers, width)) or drawn[-1]
+    trainer.model.train()
+    trainer.training_step(_padded_batch(tokenizer))
+    for h in handles:
+        h.remove()
+    assert len(shapes) == 2 and shapes[0][-1] == 32
+    assert [tuple(t.shape) for t in drawn[0].values()] == shapes
+    trainer.train()  # and it trains
+
+
+def test_random_vaccine_resume_is_bit_identical(tokenizer, tmp_path):
+    def make(path):
+        trainer = _trainer(RandomVaccineTrainer, VaccineParams(rho=2.0), tokenizer, path, steps=4,
+                           dtype=torch.float32)
+        trainer.args.checkpoint_every = 2
+        return trainer
+
+    full = make(tmp_path / "full")
+    full.train()
+    cut = make(tmp_path / "cut")
+    cut.total_steps = 2
+    cut.train()
+    cut._save_checkpoint()
+    resumed = make(tmp_path / "cut")
+    resumed.train()
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
     for (n, a), b in zip(full.unwrapped_model().named_parameters(), resumed.unwrapped_model().parameters()):
         assert torch.equal(a, b), n

@@ -163,9 +163,10 @@ class FinetuneConfig(StageConfig):
     harmful: Pool = Pool(dataset="beavertails_unsafe", start=0, stop=2000)
     with_replacement: bool = False
     """Sample with replacement when n (or round(p * n)) exceeds the pool; otherwise that is an error."""
-    topology: Literal["two-lora", "single-lora"] = "two-lora"
+    topology: Literal["two-lora", "single-lora"] | None = None
     """two-lora: merge the alignment LoRA, train a fresh one (the papers' default). single-lora: keep
-    training the alignment LoRA."""
+    training the alignment LoRA. Unset: the method's own (single-lora for EWC, whose reference reuses
+    the aligned LoRA; two-lora for every other method); resolved before anything is hashed."""
     lora: LoraSettings = LoraSettings()
     train: FinetuneTrain = FinetuneTrain()
 

@@ -40,6 +40,9 @@ def resolve(cfg: RunConfig) -> RunConfig:
     saved next to each output and printed, so equal settings always map to the same folder."""
     cfg = cfg.model_copy(deep=True)
     cfg.model.dtype = resolve_dtype(cfg.model)
+    if cfg.finetune.topology is None:
+        method = FINETUNE_METHODS.get(cfg.finetune.method) if cfg.finetune.method in FINETUNE_METHODS else None
+        cfg.finetune.topology = getattr(method, "topology", "two-lora")
     for stage, registry in (("align", ALIGN_METHODS), ("finetune", FINETUNE_METHODS), ("repair", REPAIR_METHODS)):
         section = getattr(cfg, stage)
         section.params = section.resolved_params(registry).model_dump(mode="json")
@@ -191,8 +194,10 @@ def finetune(cfg: RunConfig) -> Path:
             model = attach_lora(merge_adapter(model, adapter) if adapter.exists() else model, ft.lora)
         train_set = _tokenize([e for e, _ in mix], tokenizer, cfg, ft.train.max_length)
         report = {"n": ft.n, "n_harmful": sum(h for _, h in mix), "p": ft.p, "task": ft.task}
-        # the alignment pool, for fine-tune-stage defences that use it (EWC's Fisher, Lisa, VLGuard mixing)
-        extra = {"alignment": _tokenize(load_pool(cfg.align.data.safety), tokenizer, cfg, ft.train.max_length)}
+        # the alignment pool, for fine-tune-stage defences that use it (EWC's Fisher, Lisa, VLGuard mixing),
+        # and which user examples are harmful (VLGuard replaces benign ones)
+        extra = {"alignment": _tokenize(load_pool(cfg.align.data.safety), tokenizer, cfg, ft.train.max_length),
+                 "user_harmful": [h for _, h in mix]}
         report |= _train(method, model, train_set, cfg, "finetune", params, work, tokenizer, extra)
         _finish_stage(work, cfg, "finetune", params, report)
     return out
@@ -322,6 +327,7 @@ def _base(cfg: RunConfig):
 def _aligned_base(cfg: RunConfig):
     """The model a fine-tune adapter sits on: base with LoRA #1 merged (two-lora), or plain base
     (single-lora, where the one adapter carries the alignment too)."""
+    cfg = resolve(cfg)
     model, tokenizer = _base(cfg)
     adapter = stage_dirs(cfg)["align"] / ADAPTER_DIR
     if cfg.finetune.topology == "two-lora" and adapter.exists():
@@ -352,7 +358,7 @@ def _tokenize(examples: list[Example], tokenizer, cfg: RunConfig, max_length: in
 
 
 def _train(method, model, train_set, cfg: RunConfig, stage: str, params, work: Path, tokenizer,
-           extra: dict[str, list[Tokenized]]) -> dict[str, Any]:
+           extra: dict[str, list]) -> dict[str, Any]:
     settings = getattr(cfg, stage).train
     trainer = method(model, train_set, settings, params, seed=cfg.seed, workdir=work,
                      pad_token_id=tokenizer.pad_token_id, extra_data=extra, model_config=cfg.model)

@@ -4,10 +4,13 @@ Each step, pass 1 takes the gradient g_l of the alignment loss with respect to e
 self-attention output (activation gradients only: no parameter gradient is formed); the perturbation
 is e_l = rho * g_l / ||g||, with one norm over all layers together. Pass 2 adds e_l (a constant, no
 gradient flows through it) to those outputs, and the optimizer steps on the gradient of that
-perturbed loss. ``random-vaccine`` is the paper's ablation: a random e of the same global norm.
+perturbed loss. ``random-vaccine`` is the paper's ablation: a random e of the same global norm,
+placed where Vaccine's is: on the batch's real tokens (Vaccine's gradient is exactly 0 at padding).
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from pydantic import Field
@@ -34,9 +37,13 @@ class VaccineParams(MethodParams):
 
 
 def scale_to_norm(tensors: list[torch.Tensor], rho: float) -> list[torch.Tensor]:
-    """rho * t / ||(t_1, ..., t_L)||: one norm over all tensors together, computed in float32."""
-    norm = torch.sqrt(sum(t.float().pow(2).sum() for t in tensors))
-    return [(t.float() * (rho / (norm + NORM_EPS))).to(t.dtype) for t in tensors]
+    """rho * t / ||(t_1, ..., t_L)||: one norm over all tensors together, computed in float32.
+
+    The tensors may live on different devices (layers spread by a ``device_map``): the norm is
+    summed on the first one's and each tensor is scaled on its own."""
+    home = tensors[0].device
+    norm = torch.sqrt(sum(t.float().pow(2).sum().to(home) for t in tensors))
+    return [(t.float() * (rho / (norm.to(t.device) + NORM_EPS))).to(t.dtype) for t in tensors]
 
 
 @ALIGN_METHODS.register("vaccine")
@@ -92,8 +99,12 @@ class VaccineTrainer(Trainer):
     def training_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         layers = self.perturbed_layers()
         e = {i: t.detach() for i, t in self.perturbation(batch, layers).items()}
-        with add_to_attention_outputs([self.layout.attentions[i] for i in layers],
-                                      lambda i, h: e[layers[i]].to(h.dtype)):
+        return self.perturbed_step(batch, layers, lambda i, h: e[layers[i]].to(h.dtype))
+
+    def perturbed_step(self, batch: dict[str, torch.Tensor], layers: list[int],
+                       delta: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Pass 2: the loss with h_l + delta(i, h_l) at ``layers[i]``, and its backward."""
+        with add_to_attention_outputs([self.layout.attentions[i] for i in layers], delta):
             loss = self.compute_loss(self.model, batch)
         self.accelerator.backward(loss / self.args.grad_accum)
         return loss.detach()
@@ -107,17 +118,53 @@ class VaccineTrainer(Trainer):
 
 @ALIGN_METHODS.register("random-vaccine")
 class RandomVaccineTrainer(VaccineTrainer):
-    """The paper's ablation: e is Gaussian noise scaled to the same global norm rho, no pass 1."""
+    """The paper's ablation: e is Gaussian noise scaled to the same global norm rho, no pass 1.
+
+    The noise sits where Vaccine's perturbation does: on the real tokens (attention mask 1), exactly
+    0 at padding, so all of rho lands on real tokens whatever the padding. Its width is the hooked
+    attention output's own (not the embedding width, which differs on e.g. OPT-350m)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.noise = generator(self.seed, "random-vaccine", self.accelerator.process_index)
 
-    def perturbation(self, batch: dict[str, torch.Tensor], layers: list[int]) -> dict[int, torch.Tensor]:
-        shape = (*batch["input_ids"].shape, self.unwrapped_model().get_input_embeddings().embedding_dim)
-        noise = [torch.randn(shape, generator=self.noise) for _ in layers]
+    def attention_width(self) -> int:
+        """The width of the attention outputs as the model config states it (the residual stream)."""
+        config = self.unwrapped_model().config
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        return int(config.hidden_size)
+
+    def perturbation(self, batch: dict[str, torch.Tensor], layers: list[int],
+                     width: int | None = None) -> dict[int, torch.Tensor]:
+        """Fresh noise for ``batch``: standard normal at the real positions, 0 at padding, then one
+        global scale to norm rho. ``width`` defaults to the config's; training passes the hooked
+        attention output's."""
+        mask = batch["attention_mask"].bool().cpu()
+        shape, real = (*mask.shape, width or self.attention_width()), int(mask.sum())
+        noise = []
+        for _ in layers:
+            e = torch.zeros(shape)
+            e[mask] = torch.randn(real, shape[-1], generator=self.noise)
+            noise.append(e)
         device = batch["input_ids"].device
         return {i: t.to(device) for i, t in zip(layers, scale_to_norm(noise, self.params.rho))}
+
+    def training_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        layers = self.perturbed_layers()
+        drawn: dict[int, torch.Tensor] = {}
+
+        def noise(i: int, h: torch.Tensor) -> torch.Tensor:
+            # the first perturbed attention output sizes the noise of every layer; it is drawn once
+            # per micro-batch, so a checkpointed recompute sees the same noise
+            if not drawn:
+                drawn.update(self.perturbation(batch, layers, width=h.shape[-1]))
+            e = drawn[layers[i]]
+            if e.shape != h.shape:
+                raise RuntimeError(f"random-vaccine: layer {layers[i]}'s attention output has shape "
+                                   f"{tuple(h.shape)}, the noise {tuple(e.shape)}")
+            return e.to(device=h.device, dtype=h.dtype)
+
+        return self.perturbed_step(batch, layers, noise)
 
     def method_state(self) -> dict:
         return super().method_state() | {"noise": self.noise.get_state()}
