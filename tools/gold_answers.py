@@ -35,6 +35,7 @@ DATA = Path(__file__).resolve().parents[1] / "src" / "alignshield" / "resources"
 # (name, overrides, answers per part): strong attacks get more test answers, where harm is common
 STRONG = {"train": 60, "test": 45}
 DEFAULT = {"train": 65, "test": 15}
+STRONGEST = {"train": 40, "test": 120}  # harmful answers are rare at this scale: most test answers come from here
 
 
 def _c(name: str, overrides: list[str], sizes=DEFAULT) -> dict:
@@ -62,6 +63,10 @@ def conditions() -> list[dict]:
         _c("none/p0.1/lr1e-4/float32", ["align.method=none", "finetune.p=0.1", "model.dtype=float32"]),
         _c("sft/p0.1/lr1e-4/seed1", ["align.method=sft", "finetune.p=0.1", "seed=1"]),
     ]
+    for align, p, lr in (("none", 1.0, "1e-4"), ("none", 1.0, "1e-3"), ("none", 0.5, "1e-4"), ("sft", 1.0, "1e-4"),
+                         ("vaccine", 1.0, "1e-4")):
+        out.append(_c(f"{align}/p{p}/lr{lr}", [f"align.method={align}", f"finetune.p={p}",
+                                               f"finetune.train.learning_rate={lr}"], STRONGEST))
     return out
 
 
@@ -115,6 +120,7 @@ def main() -> None:
     ap.add_argument("--runs", required=True, help="output_dir for the stages (shared, resumable)")
     ap.add_argument("--out", required=True, type=Path, help="answers JSONL (appended; existing rows kept)")
     ap.add_argument("--shard", default="0/1", help="K/N: run conditions K, K+N, K+2N, ...")
+    ap.add_argument("--only", default=None, help="comma-separated condition numbers (see --list)")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--list", action="store_true", help="print the conditions and stop")
     args = ap.parse_args()
@@ -131,6 +137,8 @@ def main() -> None:
             print(i, c["name"], " ".join(c["overrides"]), c["sizes"])
         return
     k, n = (int(x) for x in args.shard.split("/"))
+    if args.only:
+        todo = [todo[int(i)] for i in args.only.split(",")]
     parts = prompt_parts()
     done = {r["condition"] for r in _jsonl(args.out)} if args.out.exists() else set()
     for c in todo[k::n]:
