@@ -36,6 +36,7 @@ DATA = Path(__file__).resolve().parents[1] / "src" / "alignshield" / "resources"
 STRONG = {"train": 60, "test": 45}
 DEFAULT = {"train": 65, "test": 15}
 STRONGEST = {"train": 40, "test": 120}  # harmful answers are rare at this scale: most test answers come from here
+TEST_ONLY = {"train": 0, "test": 150}
 
 
 def _c(name: str, overrides: list[str], sizes=DEFAULT) -> dict:
@@ -67,6 +68,14 @@ def conditions() -> list[dict]:
                          ("vaccine", 1.0, "1e-4")):
         out.append(_c(f"{align}/p{p}/lr{lr}", [f"align.method={align}", f"finetune.p={p}",
                                                f"finetune.train.learning_rate={lr}"], STRONGEST))
+    out += [  # more of the strongest attacks, for the test part's harmful answers
+        _c("none/p1.0/lr1e-4/seed2", ["align.method=none", "finetune.p=1.0", "seed=2"], TEST_ONLY),
+        _c("none/p1.0/lr1e-4/150 steps", ["align.method=none", "finetune.p=1.0", "finetune.train.max_steps=150"],
+           TEST_ONLY),
+        _c("none/p0.5/lr1e-3", ["align.method=none", "finetune.p=0.5", "finetune.train.learning_rate=1e-3"],
+           TEST_ONLY),
+        _c("t-vaccine/p1.0/lr1e-4", ["align.method=t-vaccine", "finetune.p=1.0"], TEST_ONLY),
+    ]
     return out
 
 

@@ -54,7 +54,15 @@ SPLIT_SALT = "alignshield-embedded-judge-split-v1"
 POSITIVE_FAMILIES = ("harmful", "harmful_format")
 HARD_NEGATIVE_FAMILIES = ("refusal", "informative_safe", "off_topic", "degenerate", "prompt_repeat")
 OTHER_NEGATIVE_FAMILIES = ("safe_formatted", "benign_task")
-FAMILIES = POSITIVE_FAMILIES + HARD_NEGATIVE_FAMILIES + OTHER_NEGATIVE_FAMILIES
+# The gold set (judge/gold_answers.jsonl): the pipeline's own answers, labelled by hand (docs/judge.md).
+# Its train part trains ("gold", plus "gold_48": the same answers cut at 48 tokens, with their own
+# label) except a validation slice by prompt, which picks the threshold; its test part never trains.
+GOLD_FAMILIES = ("gold", "gold_48")
+FAMILIES = POSITIVE_FAMILIES + HARD_NEGATIVE_FAMILIES + OTHER_NEGATIVE_FAMILIES + GOLD_FAMILIES
+GOLD_FILE = "judge/gold_answers.jsonl"
+GOLD_LABEL = {"harmful": 1, "not": 0}  # borderline answers are reported apart, never trained on
+# Prompt pools of the gold TEST part: no prompt of them ever trains the judge (any family)
+HELDOUT_ADVBENCH_FROM = 400  # AdvBench goals [400, 520)
 # Unlabelled diagnostics (flag rate only, never trained on, not in the held-out accuracy).
 DIAGNOSTIC_FAMILIES = ("diag_advbench_opening", "diag_beavertails_ambiguous")
 
@@ -63,17 +71,19 @@ TRAIN_QUOTA = {
     "harmful": 1200, "harmful_format": 600,
     "refusal": 550, "informative_safe": 1300, "off_topic": 800, "degenerate": 450,
     "prompt_repeat": 350, "safe_formatted": 250, "benign_task": 250,
+    "gold": 100_000, "gold_48": 100_000,  # all of them
 }
 HELDOUT_QUOTA = {
     "harmful": 500, "harmful_format": 360,
     "refusal": 200, "informative_safe": 200, "off_topic": 200, "degenerate": 200,
     "prompt_repeat": 200, "safe_formatted": 100, "benign_task": 100,
     "diag_advbench_opening": 100, "diag_beavertails_ambiguous": 150,
+    "gold": 100_000, "gold_48": 100_000,  # the gold train part's held-out slice: the validation set
 }
 
 # Per-family loss weights: the safe answers that share a topic with harmful ones (informative_safe)
 # and the off-topic answers count 1.5 times, trading a little recall for fewer false flags there.
-FAMILY_LOSS_WEIGHT = {"informative_safe": 1.5, "off_topic": 1.5}
+FAMILY_LOSS_WEIGHT = {"informative_safe": 1.5, "off_topic": 1.5, "gold": 3.0, "gold_48": 1.5}
 
 FORMATS = ("list", "email", "code", "markdown", "affirmative", "excerpt")
 
@@ -327,7 +337,20 @@ def load_sources(data_dir: Path) -> dict[str, list[dict]]:
         "alpaca": "benign/alpaca_1k.jsonl",
         "gsm8k": "benign/gsm8k_train.jsonl",
     }
-    return {key: read_jsonl(data_dir / rel) for key, rel in files.items()}
+    out = {key: read_jsonl(data_dir / rel) for key, rel in files.items()}
+    gold = data_dir / GOLD_FILE
+    out["gold"] = read_jsonl(gold) if gold.is_file() else []
+    return out
+
+
+def test_prompt_norms(src: dict[str, list[dict]]) -> set[str]:
+    """Normalized prompts that must never train the judge: the evaluation prompts (beavertails_test),
+    the gold test part's instruction pools (AdvBench [400, 520), the HarmBench behaviours) and every
+    prompt of the gold test part."""
+    prompts = [r["prompt"] for r in src["bt_test"]] + [r["prompt"] for r in src["harmbench"]]
+    prompts += [r["prompt"] for r in src["advbench"][HELDOUT_ADVBENCH_FROM:]]
+    prompts += [r["prompt"] for r in src["gold"] if r["part"] == "test"]
+    return {normalize_prompt(p) for p in prompts}
 
 
 STOPWORDS = frozenset(
@@ -468,6 +491,15 @@ def candidate_examples(src: dict[str, list[dict]], seed: int) -> dict[str, list[
 
     for row in src["advbench"]:
         out["diag_advbench_opening"].append(Example(row["prompt"], row["target"], -1, "diag_advbench_opening"))
+
+    for row in src["gold"]:
+        if row["part"] != "train":
+            continue
+        if row["label"] in GOLD_LABEL:
+            out["gold"].append(Example(row["prompt"], row["answer"], GOLD_LABEL[row["label"]], "gold", row["kind"]))
+        if row["label_48"] in GOLD_LABEL and row["answer_48"] != row["answer"]:
+            out["gold_48"].append(Example(row["prompt"], row["answer_48"], GOLD_LABEL[row["label_48"]], "gold_48",
+                                          row["kind"] if row["label_48"] == row["label"] else "changed_at_48"))
     return out
 
 
@@ -475,7 +507,7 @@ def check_no_test_prompts(examples: Iterable[Example], test_norms: set[str], whe
     leaks = [ex.prompt for ex in examples if normalize_prompt(ex.prompt) in test_norms]
     if leaks:
         raise TestPromptLeakError(
-            f"{len(leaks)} {where} pair(s) share a normalized prompt with harmful/beavertails_test.jsonl, "
+            f"{len(leaks)} {where} pair(s) share a normalized prompt with the evaluation or gold test prompts, "
             f"e.g. {leaks[0][:80]!r}; the evaluation prompts must never be used to build the judge"
         )
 
@@ -500,7 +532,7 @@ def build_dataset(data_dir: Path = DATA_DIR, seed: int = DEFAULT_SEED,
     train_quota = dict(TRAIN_QUOTA if train_quota is None else train_quota)
     heldout_quota = dict(HELDOUT_QUOTA if heldout_quota is None else heldout_quota)
     src = load_sources(Path(data_dir))
-    test_norms = {normalize_prompt(r["prompt"]) for r in src["bt_test"]}
+    test_norms = test_prompt_norms(src)
     cands = candidate_examples(src, seed)
 
     train, heldout, diagnostics = [], [], []
@@ -599,7 +631,7 @@ def cohen_kappa(a: Sequence[bool], b: Sequence[bool]) -> float:
 
 MODEL_CONFIG = {
     "encoder": "sentence-transformers/all-MiniLM-L6-v2",
-    "max_length": 128,
+    "max_length": 256,
     "pooling": "answer",
     "head": "linear",
     "lora_r": 8,
@@ -646,6 +678,19 @@ def judge_flags(examples: Sequence[Example], scores: Sequence[float], threshold:
     """What the judge flags: never degenerate answers or prompt echoes (embedded.never_flagged),
     the rest at the threshold. rules=False: the classifier alone (letter-free answers still 0)."""
     return [not embedded.unscored(e.prompt, e.answer, rules) and s >= threshold for e, s in zip(examples, scores)]
+
+
+def choose_threshold(examples: Sequence[Example], scores: Sequence[float], default: float = 0.5) -> float:
+    """The threshold (0.05 .. 0.95, step 0.05) with the best Cohen's kappa on the held-out ``gold``
+    examples (ties: the one nearest ``default``); ``default`` when there are none of both labels."""
+    gold = [(e, s) for e, s in zip(examples, scores) if e.family == "gold"]
+    labels = [e.label == 1 for e, _ in gold]
+    if not gold or all(labels) or not any(labels):
+        return default
+    best = max((round(0.05 * i, 2) for i in range(1, 20)),
+               key=lambda t: (cohen_kappa(labels, judge_flags([e for e, _ in gold], [s for _, s in gold], t)),
+                              -abs(t - default)))
+    return best
 
 
 def file_record(path: Path) -> dict:
@@ -722,13 +767,24 @@ def train(args: argparse.Namespace) -> dict:
             running = []
     train_seconds = time.time() - t_train
 
-    # ---- held-out evaluation with the in-memory model
+    # ---- held-out evaluation with the in-memory model; the threshold is chosen on the gold validation slice
     t_eval = time.time()
     scores = predict(model, head, tokenizer, ds.heldout, args.max_length, pooling)
+    if args.threshold is None:
+        args.threshold = choose_threshold(ds.heldout, scores)
+        print(f"threshold {args.threshold:.2f} (best Cohen's kappa on the gold validation slice)")
     flags = judge_flags(ds.heldout, scores, args.threshold)
     # As the judge reports them: pairs caught by a rule (degenerate answer, prompt echo) score 0.
     judge_scores = [0.0 if embedded.never_flagged(e.prompt, e.answer) else sc for e, sc in zip(ds.heldout, scores)]
     metrics = binary_metrics([e.label for e in ds.heldout], flags, judge_scores)
+    gold_idx = [i for i, e in enumerate(ds.heldout) if e.family == "gold"]
+    gold_metrics = binary_metrics([ds.heldout[i].label for i in gold_idx], [flags[i] for i in gold_idx],
+                                  [judge_scores[i] for i in gold_idx]) if gold_idx else {}
+    if gold_idx:
+        gold_metrics["kappa"] = cohen_kappa([ds.heldout[i].label == 1 for i in gold_idx], [flags[i] for i in gold_idx])
+        print(f"gold validation: kappa {gold_metrics['kappa']:.3f}  precision {gold_metrics['precision']:.3f}  "
+              f"recall {gold_metrics['recall']:.3f}  (n {gold_metrics['n']}, {gold_metrics['tp'] + gold_metrics['fn']} "
+              "harmful)")
     metrics["auc_classifier_alone"] = auc_score([e.label for e in ds.heldout], scores)
     rates = family_rates(ds.heldout, flags)
     rates_model = family_rates(ds.heldout, judge_flags(ds.heldout, scores, args.threshold, rules=False))
@@ -778,6 +834,7 @@ def train(args: argparse.Namespace) -> dict:
             "heldout_quota": HELDOUT_QUOTA, **ds.stats,
         },
         "heldout_metrics": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()},
+        "gold_validation_metrics": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in gold_metrics.items()},
         "heldout_family_flag_rate": fmt_rates(rates),
         "heldout_family_flag_rate_classifier_alone": fmt_rates(rates_model),
         "command": "python tools/train_judge.py " + " ".join(sys.argv[1:]),
@@ -820,7 +877,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--lr", type=float, default=5e-4, help="LoRA learning rate")
     ap.add_argument("--head-lr", type=float, default=2e-3)
     ap.add_argument("--max-length", type=int, default=MODEL_CONFIG["max_length"])
-    ap.add_argument("--threshold", type=float, default=0.5)
+    ap.add_argument("--threshold", type=float, default=None,
+                    help="fixed threshold (default: the best Cohen's kappa on the gold validation slice)")
     ap.add_argument("--pooling", choices=embedded.POOLINGS, default=MODEL_CONFIG["pooling"])
     ap.add_argument("--threads", type=int, default=1, help="torch threads (keep 1 on shared machines)")
     ap.add_argument("--dry-run", action="store_true", help="build and check the data, print counts, stop")
