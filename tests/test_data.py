@@ -88,3 +88,17 @@ def test_default_pools_are_disjoint():
     from alignshield.stages import validate
 
     validate(RunConfig())
+
+
+def test_one_normaliser_and_the_shipped_pools_are_disjoint_under_it():
+    from alignshield import stages
+    from alignshield.config import load_config
+    from alignshield.data.pools import normalize_prompt
+
+    assert normalize_prompt("What’s  SELF-harm?") == normalize_prompt("whats selfharm") == "whats selfharm"
+    for preset in (None, "vaccine-llama2", "antidote-llama2", "tvaccine-llama2"):
+        cfg = load_config(preset=preset)
+        stages.check_disjoint({name: stages.load_pool(pool) for name, pool in (
+            ("align.data.safety", cfg.align.data.safety), ("align.data.harmful", cfg.align.data.harmful),
+            ("finetune.harmful", cfg.finetune.harmful), ("repair.calibration", cfg.repair.calibration),
+            ("evaluate.harmful", cfg.evaluate.harmful))})

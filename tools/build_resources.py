@@ -31,11 +31,15 @@ import hashlib
 import json
 import os
 import re
-import string
 import sys
-import unicodedata
 from collections import Counter
 from pathlib import Path
+
+try:
+    from alignshield.data.pools import NORMALIZATION, normalize_prompt  # the one normaliser
+except ImportError:  # running from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    from alignshield.data.pools import NORMALIZATION, normalize_prompt
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SHARED = REPO.parent / "shared" / "data"
@@ -50,25 +54,6 @@ TEST = "harmful/beavertails_test.jsonl"
 FIRST200 = "harmful/beavertails_30k_train_unsafe_first200.jsonl"
 STL = "alignment/safety_tuned_llamas.jsonl"
 HB_LONGER = "alignment/harmbench_safe_responses_longer.jsonl"
-
-NORMALIZATION = (
-    "lower-case (str.lower); delete every punctuation character (Unicode "
-    "category P* and ASCII string.punctuation); collapse runs of whitespace "
-    "to one space and strip the ends"
-)
-
-_ASCII_PUNCT = frozenset(string.punctuation)
-
-
-def normalize_prompt(text: str) -> str:
-    """Normalized form used for every prompt-overlap / duplicate check."""
-    text = text.lower()
-    text = "".join(
-        ch for ch in text
-        if ch not in _ASCII_PUNCT and not unicodedata.category(ch).startswith("P")
-    )
-    return " ".join(text.split())
-
 
 # Output files, in build order. ``select`` names a selection rule handled in
 # ``build``; ``prompt`` is the field compared for overlaps (if any).

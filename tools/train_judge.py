@@ -32,7 +32,6 @@ import re
 import string
 import sys
 import time
-import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,16 +196,7 @@ class TestPromptLeakError(RuntimeError):
 
 # ----------------------------------------------------------------------------- helpers
 
-_PUNCT = set(string.punctuation)
-
-
-def normalize_prompt(text: str) -> str:
-    """The bundle's prompt normalization (resources/data/MANIFEST.json): lower-case, delete every
-    punctuation character (Unicode P* and ASCII punctuation), collapse whitespace, strip."""
-    kept = "".join(
-        ch for ch in text.lower() if ch not in _PUNCT and not unicodedata.category(ch).startswith("P")
-    )
-    return " ".join(kept.split())
+from alignshield.data.pools import normalize_prompt  # noqa: E402  (the one normaliser; re-exported)
 
 
 def is_heldout(prompt: str) -> bool:

@@ -7,8 +7,8 @@ Every dataset reduces to ``Example(prompt, input, response)``. Bundled files liv
 
 from __future__ import annotations
 
-import re
 import string
+import unicodedata
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -94,12 +94,16 @@ def _dataset_spec(dataset: str, fields: dict[str, str]) -> Dataset:
     raise AssertionError("unreachable")
 
 
-_PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
+NORMALIZATION = ("lower-case (str.lower); delete every punctuation character (Unicode category P* and ASCII "
+                 "string.punctuation); collapse runs of whitespace to one space and strip the ends")
+_ASCII_PUNCT = frozenset(string.punctuation)
 
 
 def normalize_prompt(text: str) -> str:
-    """Lower case, punctuation removed, whitespace collapsed: how prompts are compared across pools."""
-    return " ".join(_PUNCT.sub(" ", text.lower()).split())
+    """How prompts are compared everywhere (the runtime disjointness check, the data build, the judge's
+    training split): ``NORMALIZATION``. So "What’s" and "What's", "self-harm" and "selfharm" match."""
+    kept = "".join(ch for ch in text.lower() if ch not in _ASCII_PUNCT and not unicodedata.category(ch).startswith("P"))
+    return " ".join(kept.split())
 
 
 def check_disjoint(pools: dict[str, list[Example]]) -> None:
