@@ -136,7 +136,7 @@ def test_prefix_sharing_runs_the_prefix_once(tokenizer):
     model = attach_lora(make_model(), LORA)
     batch = _batch(tokenizer)
     lengths = []
-    embed = model.get_decoder().embed_tokens
+    embed = model.get_base_model().base_model.embed_tokens
     handle = embed.register_forward_hook(lambda m, a, out: lengths.append(tuple(out.shape[:2])))
     causal_lm_loss(model, batch, share_prefix=True)
     handle.remove()

@@ -439,6 +439,7 @@ def test_checkpointing_composes_with_an_accelerate_hook(tokenizer):
     from alignshield.align.tvaccine import set_checkpointing
 
     model = attach_lora(make_model("llama", layers=2, dtype=torch.float64), LORA)
+    model.config.use_cache = False  # as the loader and the trainer set it
     model.train()
     layer = discover(model).layers[0]
     hook = _counting_hook()

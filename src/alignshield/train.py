@@ -242,6 +242,11 @@ class Trainer:
                         if args.group_by_length else EpochSampler(len(train_set), seed))
         loader = DataLoader(train_set, batch_size=args.batch_size, sampler=self.sampler, collate_fn=self.collate)
         # names fixed now: methods may freeze some of them for a while (T-Vaccine), checkpoints keep all
+        config = getattr(model, "config", None)
+        if config is not None and getattr(config, "use_cache", None):
+            # training reads no cache; a model left with use_cache=True would build one in every forward,
+            # which activation checkpointing then replays (and appends to) in backward (transformers 4.x)
+            config.use_cache = False
         self.trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         if not self.trainable:

@@ -111,11 +111,20 @@ def cache_argument(model: nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def backbone(model: nn.Module) -> nn.Module:
+    """The transformer under the output head (``base_model``: ``model`` for Llama, ``transformer`` for
+    GPT-2 ...), through DDP and PEFT wrappers. (transformers 4.x's generic ``get_decoder`` returns None
+    for the backbone of some models, so it is not used.)"""
+    model = getattr(model, "module", model)
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return model.base_model
+
+
 def prefix_cache(model: nn.Module, prefix: torch.Tensor, batch_size: int):
     """The key/value cache of ``prefix`` (1 x P token ids), computed once by the model's decoder (no
     output head) and repeated ``batch_size`` times: what every row that starts with ``prefix`` would
     compute for it. Gradients flow through it when the caller trains."""
-    decoder = getattr(model, "module", model).get_decoder()
+    decoder = backbone(model)
     out = decoder(input_ids=prefix, attention_mask=torch.ones_like(prefix), use_cache=True)
     cache = getattr(out, cache_argument(decoder))
     cache.batch_repeat_interleave(batch_size)

@@ -220,7 +220,8 @@ def store_dense_delta(model: nn.Module, target: LoraTarget, delta: torch.Tensor)
         raise ValueError("score=merged needs a PeftModel (its adapter config records the new ranks)")
     out_f, in_f = delta.shape
     rank = min(out_f, in_f)
-    rslora = bool(m.use_rslora.get(adapter, False))
+    # the layer records rslora per adapter (peft >= 0.15); older peft keeps it in the adapter config only
+    rslora = bool(getattr(m, "use_rslora", {}).get(adapter, config.use_rslora))
     lora_alpha = math.sqrt(rank) if rslora else float(rank)
     scaling = lora_alpha / math.sqrt(rank) if rslora else lora_alpha / rank
     old_a = target.factor("lora_A").weight
