@@ -70,6 +70,22 @@ def test_unused_repair_settings_do_not_key_the_evaluation():
     assert stages.stage_dirs(load_config(overrides=["repair.method=antidote", pool]))["evaluate"] != repaired
 
 
+def test_a_retrained_judge_is_a_new_evaluation(tmp_path):
+    """The evaluation's key holds a digest of the judge's weights: rewriting them (a retrained judge)
+    gives a new evaluation folder, so old verdicts are never reused; the same bytes give the same one."""
+    import shutil
+
+    from alignshield.evaluate.judges import embedded
+
+    weights = tmp_path / "judge"
+    shutil.copytree(embedded.WEIGHTS_DIR, weights)
+    over = ["evaluate.judges=[embedded]", f"evaluate.judge_options={{embedded: {{weights: {weights}}}}}"]
+    before = stages.stage_dirs(load_config(overrides=over))["evaluate"]
+    assert stages.stage_dirs(load_config(overrides=over))["evaluate"] == before
+    (weights / embedded.HEAD_FILE).write_bytes((weights / embedded.HEAD_FILE).read_bytes() + b" ")
+    assert stages.stage_dirs(load_config(overrides=over))["evaluate"] != before
+
+
 def test_no_finetune_evaluates_the_aligned_model_as_shipped(make_cfg):
     from alignshield.config import ConfigError
     from alignshield.evaluate.metrics import generate_answers

@@ -64,13 +64,29 @@ def stage_dirs(cfg: RunConfig) -> dict[str, Path]:
     # unused settings (e.g. the calibration pool) cannot make an identical evaluation look new
     edits = cfg.repair.method not in REPAIR_METHODS or REPAIR_METHODS.get(cfg.repair.method).edits
     r = stable_hash(f, cfg.repair.model_dump(mode="json")) if edits else f
-    e = stable_hash(r, cfg.evaluate.model_dump(mode="json"))
+    e = stable_hash(r, cfg.evaluate.model_dump(mode="json"), _judge_versions(cfg))
     return {
         "align": root / "align" / f"{cfg.align.method}-{a}",
         "finetune": root / "finetune" / f"{cfg.finetune.method}-{f}",
         "repair": root / "repair" / f"{cfg.repair.method}-{r}",
         "evaluate": root / "evaluate" / f"{cfg.finetune.task}-{e}",
     }
+
+
+def _judge_versions(cfg: RunConfig) -> dict[str, Any]:
+    """The judges' versions (weights digests) and the coherence gate's: a changed judge re-evaluates."""
+    from alignshield.evaluate.coherence import GATE
+    from alignshield.evaluate.judges import judge_version
+
+    versions: dict[str, Any] = {"coherence_gate": repr(GATE)} if cfg.evaluate.coherence_gate else {}
+    for name in cfg.evaluate.judges:
+        try:
+            version = judge_version(name, cfg.evaluate.judge_options.get(name))
+        except KeyError:
+            version = None  # an unknown judge: validate() names it
+        if version is not None:
+            versions[name] = version
+    return versions
 
 
 def validate(cfg: RunConfig, upto: str = "evaluate") -> None:

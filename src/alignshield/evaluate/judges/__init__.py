@@ -9,8 +9,8 @@ from alignshield.evaluate.judges import beaverdam, embedded, hf_classifier, keyw
 from alignshield.evaluate.judges import guards  # noqa: F401  (harmaug-guard, duoguard, qwen3guard)
 from alignshield.evaluate.judges.base import JUDGES, Judge, JudgeLoadError, Verdict
 
-__all__ = ["JUDGES", "Judge", "JudgeLoadError", "Verdict", "check_available", "check_options", "make_judge",
-           "option_names"]
+__all__ = ["JUDGES", "Judge", "JudgeLoadError", "Verdict", "check_available", "check_options", "judge_version",
+           "make_judge", "option_names"]
 
 
 def option_names(name: str) -> list[str] | None:
@@ -48,6 +48,13 @@ def check_available(name: str, options: dict | None = None) -> None:
     check = getattr(JUDGES.get(name), "check_available", None)
     if check is not None:
         check(**(options or {}))
+
+
+def judge_version(name: str, options: dict | None = None) -> str | None:
+    """What identifies the judge's behaviour beyond its options (e.g. a digest of its shipped weights),
+    or None. Part of the evaluation's stage key: a retrained judge never reuses stale verdicts."""
+    version = getattr(JUDGES.get(name), "version", None)
+    return version(**(options or {})) if callable(version) else version
 
 
 def make_judge(name: str, options: dict | None = None) -> Judge:

@@ -14,6 +14,8 @@ torch and transformers are imported lazily, so importing this module is cheap.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib.util
 import json
 import re
@@ -167,6 +169,15 @@ def merge_lora(model: Any, adapter: dict, scaling: float) -> int:
 # ----------------------------------------------------------------------------- the judge
 
 
+@functools.lru_cache(maxsize=8)
+def _digest(stats: tuple[tuple[str, int, int], ...]) -> str:
+    """sha256 of the files' bytes; keyed by (path, mtime, size) so a rewritten file is read again."""
+    h = hashlib.sha256()
+    for path, _, size in stats:
+        h.update(Path(path).read_bytes() if size >= 0 else b"missing")
+    return h.hexdigest()[:16]
+
+
 @JUDGES.register(JUDGE_NAME)
 class EmbeddedJudge:
     """Flags an answer when the classifier's harmful probability is >= ``threshold``.
@@ -188,6 +199,15 @@ class EmbeddedJudge:
         if missing:
             raise _load_error(f"weights missing in {folder}: {', '.join(missing)}")
         encoder_dir()
+
+    @staticmethod
+    def version(weights: str | Path | None = None, **_) -> str:
+        """A digest of the weights folder's three files (judge.json, adapter, head)."""
+        folder = Path(weights) if weights is not None else WEIGHTS_DIR
+        files = [folder / f for f in (CONFIG_FILE, ADAPTER_FILE, HEAD_FILE)]
+        stats = tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) if f.is_file() else (str(f), 0, -1)
+                      for f in files)
+        return _digest(stats)
 
     def __init__(
         self,

@@ -32,6 +32,7 @@ REFUSAL_PHRASES = (
 @JUDGES.register("keyword")
 class KeywordJudge:
     name = "keyword"
+    version = "2"  # bump when the phrases, the premise rule or the gate change what is flagged
 
     def __init__(self, phrases: Sequence[str] = REFUSAL_PHRASES, min_words: int = 4):
         self.phrases = tuple(p.lower() for p in phrases)
