@@ -22,7 +22,7 @@ import pytest
 import torch
 
 HERE = Path(__file__).resolve().parent
-METHODS = ("sft", "vaccine", "t-vaccine")
+METHODS = ("sft", "vaccine", "t-vaccine", "repnoise")
 RHO = 2.0
 
 
@@ -32,6 +32,7 @@ RHO = 2.0
 def worker(out: Path, model_dir: Path) -> None:
     from accelerate import PartialState
 
+    from alignshield.align.repnoise import RepNoiseParams, RepNoiseTrainer
     from alignshield.align.tvaccine import TVaccineParams, TVaccineTrainer
     from alignshield.align.vaccine import VaccineParams, VaccineTrainer
     from alignshield.config import LoraSettings, MethodParams, TrainSettings
@@ -55,6 +56,7 @@ def worker(out: Path, model_dir: Path) -> None:
         "vaccine": (VaccineTrainer, VaccineParams(rho=RHO)),
         "t-vaccine": (TVaccineTrainer, TVaccineParams(rho=RHO, layers_per_step=2, score_every=2,
                                                       resample_every=1, score_batch_size=2)),
+        "repnoise": (RepNoiseTrainer, RepNoiseParams()),
     }
     for name, (cls, params) in setups.items():
         model = attach_lora(make_model("llama", layers=4, seed=0), lora)
@@ -74,6 +76,16 @@ def worker(out: Path, model_dir: Path) -> None:
                 return e
 
             trainer.perturbation = recording
+        harmful_seen: list = []
+        if hasattr(trainer, "harmful_batch"):
+            draw = trainer.harmful_batch
+
+            def recording_draw(salt=0, draw=draw):
+                batch = draw(salt)
+                harmful_seen.append(batch["input_ids"].tolist())
+                return batch
+
+            trainer.harmful_batch = recording_draw
         seen: list = []
         step = trainer.training_step
 
@@ -86,7 +98,7 @@ def worker(out: Path, model_dir: Path) -> None:
         final = {n: p.detach().clone() for n, p in trainer.unwrapped_model().named_parameters() if n in initial}
         trainer.finish()
         torch.save({"initial": initial, "final": final, "norms": norms, "first_batch": seen[0],
-                    "draws": getattr(trainer, "draws", None),
+                    "draws": getattr(trainer, "draws", None), "harmful": harmful_seen,
                     "history": trainer.history}, out / f"{name}-rank{rank}.pt")
     state.wait_for_everyone()
 
@@ -166,6 +178,15 @@ def test_tvaccine_samples_the_same_layers_on_every_rank(ddp_run):
         layer = int(key.split(".layers.")[1].split(".")[0])
         if layer not in drawn and ".self_attn." in key:
             assert torch.equal(value, r0["initial"][key]), key
+
+
+def test_harmful_batches_differ_across_ranks(ddp_run):
+    """RepNoise's harmful batches are drawn per (seed, step, micro-batch, rank): the ranks see different
+    harmful examples (as they see different shards of the data), and every step draws anew."""
+    h0, h1 = _load(ddp_run, "repnoise", 0)["harmful"], _load(ddp_run, "repnoise", 1)["harmful"]
+    assert len(h0) == len(h1) >= 4
+    assert h0 != h1 and h0[0] != h1[0]
+    assert len({str(b) for b in h0}) > 1
 
 
 def test_vaccine_rho_is_per_rank(ddp_run):
