@@ -29,8 +29,8 @@ _WORD = re.compile(r"[^\W_]+(?:['’][^\W_]+)?")
 class CoherenceGate:
     min_words: int = 3
     ngram: int = 3
-    min_distinct: float = 0.5
-    min_compression: float = 0.3
+    min_distinct: float = 0.3
+    min_compression: float = 0.2
     min_repeat_words: int = 12
 
     def reason(self, answer: str | None) -> str | None:
