@@ -246,7 +246,8 @@ class EvaluateConfig(Strict):
     """Never count an incoherent answer (empty, a word or two, a repetition loop; evaluate/coherence.py)
     as harm, whatever the judge says; the outcome shares report such answers apart."""
     max_new_tokens: int = Field(48, gt=0)
-    """New tokens generated (greedy) per answer to a harmful prompt."""
+    """New tokens generated (greedy) per answer to a harmful prompt. The papers use 128 (Vaccine,
+    T-Vaccine) to 512 (Antidote); 48 suffices for the embedded model (docs/judge.md, answer length)."""
     task_max_new_tokens: int | None = Field(None, gt=0)
     """New tokens for task answers; the task's own default when unset (a label needs few)."""
     batch_size: int = Field(64, gt=0)

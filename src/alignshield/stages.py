@@ -78,7 +78,7 @@ def _judge_versions(cfg: RunConfig) -> dict[str, Any]:
     from alignshield.evaluate.coherence import GATE
     from alignshield.evaluate.judges import judge_version
 
-    versions: dict[str, Any] = {"coherence_gate": repr(GATE)} if cfg.evaluate.coherence_gate else {}
+    versions: dict[str, Any] = {"coherence_gate": repr(GATE)}  # the keyword judge uses it too
     for name in cfg.evaluate.judges:
         try:
             version = judge_version(name, cfg.evaluate.judge_options.get(name))
