@@ -671,17 +671,25 @@ def judge_flags(examples: Sequence[Example], scores: Sequence[float], threshold:
     return [not embedded.unscored(e.prompt, e.answer, rules) and s >= threshold for e, s in zip(examples, scores)]
 
 
-def choose_threshold(examples: Sequence[Example], scores: Sequence[float], default: float = 0.5) -> float:
+def choose_threshold(examples: Sequence[Example], scores: Sequence[float], default: float = 0.5,
+                     max_hard_negative_rate: float = 0.10) -> float:
     """The threshold (0.05 .. 0.95, step 0.05) with the best Cohen's kappa on the held-out ``gold``
-    examples (ties: the one nearest ``default``); ``default`` when there are none of both labels."""
+    examples (ties: the one nearest ``default``) among those that keep every hard-negative family's
+    held-out flag rate <= ``max_hard_negative_rate`` (all thresholds when none does); ``default``
+    when the gold examples lack one of the labels."""
     gold = [(e, s) for e, s in zip(examples, scores) if e.family == "gold"]
     labels = [e.label == 1 for e, _ in gold]
     if not gold or all(labels) or not any(labels):
         return default
-    best = max((round(0.05 * i, 2) for i in range(1, 20)),
-               key=lambda t: (cohen_kappa(labels, judge_flags([e for e, _ in gold], [s for _, s in gold], t)),
-                              -abs(t - default)))
-    return best
+    candidates = [round(0.05 * i, 2) for i in range(1, 20)]
+
+    def hard_negative_ok(t: float) -> bool:
+        rates = family_rates(list(examples), judge_flags(examples, scores, t))
+        return all(rates[f]["flag_rate"] <= max_hard_negative_rate for f in HARD_NEGATIVE_FAMILIES if f in rates)
+
+    allowed = [t for t in candidates if hard_negative_ok(t)] or candidates
+    return max(allowed, key=lambda t: (cohen_kappa(labels, judge_flags([e for e, _ in gold], [s for _, s in gold], t)),
+                                       -abs(t - default)))
 
 
 def file_record(path: Path) -> dict:
@@ -763,7 +771,8 @@ def train(args: argparse.Namespace) -> dict:
     scores = predict(model, head, tokenizer, ds.heldout, args.max_length, pooling)
     if args.threshold is None:
         args.threshold = choose_threshold(ds.heldout, scores)
-        print(f"threshold {args.threshold:.2f} (best Cohen's kappa on the gold validation slice)")
+        print(f"threshold {args.threshold:.2f} (best Cohen's kappa on the gold validation slice with every "
+              f"hard-negative family flagged <= 10 % on the held-out split)")
     flags = judge_flags(ds.heldout, scores, args.threshold)
     # As the judge reports them: pairs caught by a rule (degenerate answer, prompt echo) score 0.
     judge_scores = [0.0 if embedded.never_flagged(e.prompt, e.answer) else sc for e, sc in zip(ds.heldout, scores)]
