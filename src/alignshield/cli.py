@@ -78,6 +78,9 @@ def print_metrics(cfg: RunConfig, metrics: dict) -> None:
         table.add_row(key, f"{value}", "" if low is None else f"[{low}, {high}]")
     Console().print(table)
     Console().print(f"[dim]{_settings_line(cfg)}[/]")
+    if "embedded" in cfg.evaluate.judges:
+        Console().print("[dim]harmful_score/embedded is a small proxy judge; its agreement with hand labels of "
+                        "this pipeline's answers is measured in docs/judge.md (benchmarks/judge_quality.py).[/]")
 
 
 def _stage_command(name: str, doc: str):
