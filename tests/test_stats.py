@@ -18,6 +18,17 @@ def test_wilson_matches_known_values():
     assert interval_text(24.0, 100) == "24.0 [16.7, 33.2]"
 
 
+def test_difference_interval_matches_newcombe():
+    from alignshield.stats import difference_interval
+
+    # Newcombe (1998), Statistics in Medicine 17:873, Table II, method 10, examples (a)-(d)
+    for (k1, n1, k2, n2), (lo, hi) in {(56, 70, 48, 80): (0.0524, 0.3339), (9, 10, 3, 10): (0.1705, 0.8090),
+                                       (6, 7, 2, 7): (0.0582, 0.8062), (5, 56, 0, 29): (-0.0381, 0.1926)}.items():
+        d, low, high = difference_interval(k1, n1, k2, n2)
+        assert d == pytest.approx(k1 / n1 - k2 / n2)
+        assert (low, high) == pytest.approx((lo, hi), abs=1e-4)
+
+
 def test_group_interval_pools_the_answers_of_its_runs():
     runs = [StoredRun(f"r{i}", {}, {}, i, {"harmful_score/x": hs, "harmful_prompts": 100}, {}, [])
             for i, hs in enumerate((20.0, 30.0))]

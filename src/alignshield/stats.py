@@ -41,6 +41,16 @@ def interval_text(percent: float, n: int, digits: int = 1) -> str:
     return f"{percent:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
+def difference_interval(k1: float, n1: int, k2: float, n2: int, z: float = Z95) -> tuple[float, float, float]:
+    """p1 − p2 of two *independent* proportions (different prompts) with Newcombe's hybrid score
+    interval (his method 10, from the two Wilson intervals), as fractions: (diff, low, high)."""
+    p1, p2 = k1 / n1, k2 / n2
+    l1, u1 = wilson(k1, n1, z)
+    l2, u2 = wilson(k2, n2, z)
+    d = p1 - p2
+    return d, d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2), d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)
+
+
 # ------------------------------------------------------------------------ paired comparisons
 
 @dataclass(frozen=True)
