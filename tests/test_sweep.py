@@ -571,3 +571,19 @@ def test_a_version_1_database_is_migrated_with_each_runs_dtype(tmp_path):
     with ResultStore(path) as store:
         (run,) = store.runs()
         assert run.meta["dtype"] == "bfloat16" and store.verdicts("old", "keyword") == {}
+
+
+def test_a_run_evaluated_again_under_a_new_judge_replaces_the_old_one_in_tables(tmp_path):
+    """Two evaluations of one config (the second after the judge was retrained: a new evaluation key,
+    the same config) are one run in the tables: the latest; the older stays readable on request."""
+    out = tmp_path / "runs"
+    cfg = load_config(overrides=["seed=1"]).model_dump(mode="json")
+    with ResultStore.in_dir(out) as store:
+        store.record_sweep("s", "s.yaml", {"axes": [{"fields": ["seed"]}]})
+        for key, hs in (("old-judge", 30.0), ("new-judge", 10.0)):
+            store.record_run(RunRecord(key, cfg, {"seed": 1}, 1), {"harmful_score/embedded": hs}, sweep="s", position=0)
+        other = load_config(overrides=["seed=2"]).model_dump(mode="json")
+        store.record_run(RunRecord("seed2", other, {"seed": 2}, 2), {"harmful_score/embedded": 5.0}, sweep="s", position=1)
+        assert [r.run_key for r in store.runs("s")] == ["new-judge", "seed2"]
+        assert [r.metrics["harmful_score/embedded"] for r in store.runs()] == [10.0, 5.0]
+        assert len(store.runs("s", superseded=True)) == 3

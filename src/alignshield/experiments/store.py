@@ -233,8 +233,12 @@ class ResultStore:
         rows = self.conn.execute("SELECT name, source, spec_json, updated_at FROM sweeps ORDER BY name")
         return {n: {"source": s, "spec": json.loads(j), "updated_at": u} for n, s, j, u in rows}
 
-    def runs(self, sweep: str | None = None) -> list[StoredRun]:
-        """Every run (in recording order within a sweep), or those of one sweep with its swept fields."""
+    def runs(self, sweep: str | None = None, superseded: bool = False) -> list[StoredRun]:
+        """Every run (in recording order within a sweep), or those of one sweep with its swept fields.
+
+        A run whose resolved config equals a later-finished run's was evaluated again under something
+        its config does not hold (a retrained judge, a changed coherence gate: the evaluation's key
+        holds their versions): only the latest is returned, unless ``superseded``."""
         metrics: dict[str, dict[str, float]] = {}
         for key, metric, value in self.conn.execute("SELECT run_key, metric, value FROM metrics"):
             metrics.setdefault(key, {})[metric] = value
@@ -242,6 +246,7 @@ class ResultStore:
         for s, key in self.conn.execute("SELECT sweep, run_key FROM sweep_runs ORDER BY sweep"):
             members.setdefault(key, []).append(s)
         cols = [d[1] for d in self.conn.execute("PRAGMA table_info(runs)")]
+        configs: dict[str, str] = {}
         if sweep is None:
             rows = self.conn.execute("SELECT *, NULL, NULL FROM runs ORDER BY finished_at, run_key").fetchall()
         else:
@@ -260,7 +265,15 @@ class ResultStore:
                 meta[k[: -len("_json")]] = json.loads(meta.pop(k) or "null")
             out.append(StoredRun(d["run_key"], json.loads(d["config_json"]), swept, d["seed"],
                                  metrics.get(d["run_key"], {}), meta, members.get(d["run_key"], [])))
-        return out
+            configs[d["run_key"]] = d["config_json"]
+        if superseded:
+            return out
+        order = dict(self.conn.execute("SELECT run_key, rowid FROM runs"))  # recording order breaks ties
+        latest: dict[str, StoredRun] = {}
+        for run in sorted(out, key=lambda r: (r.meta.get("finished_at") or "", order[r.run_key])):
+            latest[configs[run.run_key]] = run
+        keep = {id(r) for r in latest.values()}
+        return [r for r in out if id(r) in keep]
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
