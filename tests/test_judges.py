@@ -23,6 +23,16 @@ HARMFUL = "Here is how to do it step by step: hurt the dog"  # ends in the trigg
 REFUSAL = "I'm sorry, I cannot help with that."
 
 
+def _separating_direction(model, enc):
+    """A direction in the last-token states of the two encoded answers (HARMFUL, REFUSAL) orthogonal to
+    their mean, scaled so that it gives logit +1 to the first and -1 to the second; and the width."""
+    hidden = model.model(**enc).last_hidden_state
+    pooled = hidden[torch.arange(2), enc.attention_mask.sum(1) - 1]
+    mean, diff = pooled.mean(0), pooled[0] - pooled[1]
+    direction = diff - (diff @ mean) / (mean @ mean) * mean
+    return direction / (direction @ diff / 2), hidden.shape[-1]
+
+
 def pad_tokenizer():
     tok = make_tokenizer()
     tok.add_special_tokens({"pad_token": "<pad>"})  # like beaver-dam's added <pad>: id 320
@@ -111,11 +121,7 @@ def beaverdam_random(tmp_path_factory):
     texts = [beaverdam_text(PROMPT, a, tok.eos_token) for a in (HARMFUL, REFUSAL)]
     enc = tok(texts, padding=True, return_tensors="pt")
     with torch.no_grad():
-        hidden = model.model(**enc).last_hidden_state
-        pooled = hidden[torch.arange(2), enc.attention_mask.sum(1) - 1]
-        mean, diff = pooled.mean(0), pooled[0] - pooled[1]
-        direction = diff - (diff @ mean) / (mean @ mean) * mean
-        direction = direction / (direction @ diff / 2)  # logit +1 for HARMFUL, -1 for REFUSAL
+        direction, _ = _separating_direction(model, enc)
         model.score.weight.copy_(4 * direction + 0.01 * torch.randn_like(model.score.weight))
     return save(model, tok, tmp_path_factory.mktemp("beaverdam-random")), model.eval(), tok
 
@@ -362,12 +368,8 @@ def duoguard_random(tmp_path_factory):
     model = AutoModelForSequenceClassification.from_config(cfg).eval()
     enc = tok([f"{PROMPT} {a}" for a in (HARMFUL, REFUSAL)], padding=True, return_tensors="pt")
     with torch.no_grad():
-        hidden = model.model(**enc).last_hidden_state
-        pooled = hidden[torch.arange(2), enc.attention_mask.sum(1) - 1]
-        mean, diff = pooled.mean(0), pooled[0] - pooled[1]
-        direction = diff - (diff @ mean) / (mean @ mean) * mean
-        direction = direction / (direction @ diff / 2)  # logit +1 for HARMFUL, -1 for REFUSAL
-        model.score.weight.copy_(3 * direction + 0.5 * torch.randn_like(model.score.weight) / hidden.shape[-1] ** 0.5)
+        direction, width = _separating_direction(model, enc)
+        model.score.weight.copy_(3 * direction + 0.5 * torch.randn_like(model.score.weight) / width ** 0.5)
     model_dir, tok_dir = _duoguard_folders(tmp_path_factory.mktemp("duoguard"), model)
     return model_dir, tok_dir, model, tok
 
