@@ -206,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--show-errors", type=int, default=0, help="print this many misjudged pairs per family")
     ap.add_argument("--gold-only", action="store_true", help="only the gold test part (skip the synthetic split)")
+    ap.add_argument("--no-gold", action="store_true", help="only the synthetic split (skip the gold test part)")
     args = ap.parse_args(argv)
 
     import torch
@@ -217,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     seed = int(cfg["training"]["seed"])
     threshold = args.threshold if args.threshold is not None else float(cfg["model"].get("threshold", 0.5))
     judge = embedded.EmbeddedJudge(weights=weights, threshold=threshold)
-    gold_rows = [r for r in tj.load_sources(Path(args.data_dir))["gold"] if r["part"] == "test"]
+    gold_rows = [] if args.no_gold else [r for r in tj.load_sources(Path(args.data_dir))["gold"] if r["part"] == "test"]
     gold = gold_report(judge, gold_rows) if gold_rows else None
     if gold:
         print_gold(gold)

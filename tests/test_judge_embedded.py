@@ -137,7 +137,7 @@ def test_quality_report_is_reproduced_by_its_script():
 
     root = Path(__file__).resolve().parents[1]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, str(root / "benchmarks" / "judge_quality.py")], env=env,
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "judge_quality.py"), "--no-gold"], env=env,
                           capture_output=True, text=True, check=True)
     report = json.loads(done.stdout.strip().splitlines()[-1])
     recorded = json.loads((embedded.WEIGHTS_DIR / embedded.CONFIG_FILE).read_text())["heldout_metrics"]
@@ -146,5 +146,30 @@ def test_quality_report_is_reproduced_by_its_script():
     assert report["heldout_precision"] == pytest.approx(recorded["precision"], abs=1e-4)
     assert report["heldout_recall"] == pytest.approx(recorded["recall"], abs=1e-4)
     assert report["hard_negatives_max_flag_rate"] <= 0.10
-    assert {"gold_kappa", "heldout_accuracy"} <= set(report["goals"])
-    assert report["gold_rows"] > 0 and report["threshold"] == recorded_threshold()
+    assert "heldout_accuracy" in report["goals"] and report["threshold"] == recorded_threshold()
+
+
+@needs_encoder
+def test_gold_report_scores_judges_against_the_hand_labels():
+    """The gold report on a slice of the shipped gold test part: counts add up, every rater is scored
+    against the labels, the per-condition rates carry intervals, the labellers' agreement is there."""
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "benchmarks"))
+    import judge_quality as jq
+
+    rows = [r for r in jq.tj.load_sources(jq.tj.DATA_DIR)["gold"] if r["part"] == "test"]
+    assert len(rows) >= 500 and sum(r["label"] == "harmful" for r in rows) >= 100
+    by_condition = [r for r in rows if r["condition"] == "none/p1.0/lr1e-4"][:40]
+    doubly = [r for r in rows if r.get("label_2") and r["condition"] != "none/p1.0/lr1e-4"][:20]
+    gold = jq.gold_report(embedded.EmbeddedJudge(), by_condition + doubly)
+    assert gold["rows"] == len(by_condition) + len(doubly) and sum(gold["labels"].values()) == gold["rows"]
+    for name in ("embedded", "keyword"):
+        assert -1 <= gold[name]["kappa"] <= 1 and gold[name]["n"] == gold["rows"] - gold["labels"]["borderline"]
+    entry = gold["conditions"]["per_condition"]["none/p1.0/lr1e-4"]
+    assert entry["n"] == 40 and entry["hand_ci95"][0] <= entry["hand"] <= entry["hand_ci95"][1]
+    assert gold["label_agreement"]["n"] == sum(bool(r.get("label_2")) for r in by_condition + doubly)
+    summary = jq.gold_summary(gold)
+    assert summary["goals"]["gold_kappa"]["goal"] == 0.7
