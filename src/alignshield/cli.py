@@ -239,12 +239,9 @@ def _walk(name: str, cfg: RunConfig):
 
 
 def _method_params(stage: str, method: str) -> type[BaseModel]:
-    from alignshield.align import ALIGN_METHODS
-    from alignshield.finetune import FINETUNE_METHODS
-    from alignshield.repair import REPAIR_METHODS
+    from alignshield.stages import METHOD_REGISTRIES
 
-    registry = {"align": ALIGN_METHODS, "finetune": FINETUNE_METHODS, "repair": REPAIR_METHODS}[stage]
-    return registry.get(method).Params
+    return METHOD_REGISTRIES[stage].get(method).Params
 
 
 def _params_owner(done: list[str], cfg: RunConfig) -> str | None:

@@ -35,6 +35,10 @@ STAGES = ("align", "finetune", "repair", "evaluate")
 GENERATED_FILE = "generated.partial.json"  # evaluate's answers, kept in the scratch folder until judged
 
 
+METHOD_REGISTRIES = {"align": ALIGN_METHODS, "finetune": FINETUNE_METHODS, "repair": REPAIR_METHODS}
+"""The method registry of each stage that has one."""
+
+
 def resolve(cfg: RunConfig) -> RunConfig:
     """The config with every method's parameters spelled out, defaults included: what is hashed,
     saved next to each output and printed, so equal settings always map to the same folder."""
@@ -43,7 +47,7 @@ def resolve(cfg: RunConfig) -> RunConfig:
     if cfg.finetune.topology is None:
         method = FINETUNE_METHODS.get(cfg.finetune.method) if cfg.finetune.method in FINETUNE_METHODS else None
         cfg.finetune.topology = getattr(method, "topology", "two-lora")
-    for stage, registry in (("align", ALIGN_METHODS), ("finetune", FINETUNE_METHODS), ("repair", REPAIR_METHODS)):
+    for stage, registry in METHOD_REGISTRIES.items():
         section = getattr(cfg, stage)
         section.params = section.resolved_params(registry).model_dump(mode="json")
     return cfg
@@ -80,11 +84,8 @@ def _judge_versions(cfg: RunConfig) -> dict[str, Any]:
 
     versions: dict[str, Any] = {"coherence_gate": repr(GATE)}  # the keyword judge uses it too
     for name in cfg.evaluate.judges:
-        try:
-            version = judge_version(name, cfg.evaluate.judge_options.get(name))
-        except KeyError:
-            version = None  # an unknown judge: validate() names it
-        if version is not None:
+        version = judge_version(name, cfg.evaluate.judge_options.get(name)) if name in JUDGES else None
+        if version is not None:  # (an unknown judge: validate() names it)
             versions[name] = version
     return versions
 

@@ -272,8 +272,8 @@ class ResultStore:
         latest: dict[str, StoredRun] = {}
         for run in sorted(out, key=lambda r: (r.meta.get("finished_at") or "", order[r.run_key])):
             latest[configs[run.run_key]] = run
-        keep = {id(r) for r in latest.values()}
-        return [r for r in out if id(r) in keep]
+        keep = {r.run_key for r in latest.values()}
+        return [r for r in out if r.run_key in keep]
 
 
 def _migrate(conn: sqlite3.Connection) -> None:

@@ -204,10 +204,11 @@ class EmbeddedJudge:
     def version(weights: str | Path | None = None, **_) -> str:
         """A digest of the weights folder's three files (judge.json, adapter, head)."""
         folder = Path(weights) if weights is not None else WEIGHTS_DIR
-        files = [folder / f for f in (CONFIG_FILE, ADAPTER_FILE, HEAD_FILE)]
-        stats = tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) if f.is_file() else (str(f), 0, -1)
-                      for f in files)
-        return _digest(stats)
+        stats = []
+        for f in (folder / name for name in (CONFIG_FILE, ADAPTER_FILE, HEAD_FILE)):
+            st = f.stat() if f.is_file() else None
+            stats.append((str(f), st.st_mtime_ns, st.st_size) if st else (str(f), 0, -1))
+        return _digest(tuple(stats))
 
     def __init__(
         self,
