@@ -15,10 +15,13 @@ off_topic, degenerate, prompt_repeat), the recall per harmful format, and agreem
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import random
+import statistics
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,11 +65,21 @@ def rater_metrics(rows: list[dict], flags: list[bool]) -> dict:
             "borderline_flag_rate": sum(border) / len(border) if border else None}
 
 
-def grouped(rows: list[dict], flags: list[bool], key) -> dict:
+def _groups(rows: list[dict], key) -> dict[str, list[int]]:
+    """Row indices per ``key(row)``, keys sorted."""
     groups: dict[str, list[int]] = {}
     for i, r in enumerate(rows):
         groups.setdefault(key(r), []).append(i)
-    return {g: rater_metrics([rows[i] for i in idx], [flags[i] for i in idx]) for g, idx in sorted(groups.items())}
+    return dict(sorted(groups.items()))
+
+
+def goals_met(values: dict, goals: dict, at_most: Iterable[str] = ()) -> dict:
+    """``{name: {goal, met}}``: met when the value reaches the goal (is at most it, for ``at_most``)."""
+    return {k: {"goal": v, "met": values[k] <= v if k in at_most else values[k] >= v} for k, v in goals.items()}
+
+
+def grouped(rows: list[dict], flags: list[bool], key) -> dict:
+    return {g: rater_metrics([rows[i] for i in idx], [flags[i] for i in idx]) for g, idx in _groups(rows, key).items()}
 
 
 def gold_report(judge, rows: list[dict]) -> dict:
@@ -111,25 +124,16 @@ def gold_report(judge, rows: list[dict]) -> dict:
 
 
 def _spearman(a: list[float], b: list[float]) -> float | None:
+    """Spearman's rank correlation (ties share their mean rank); None below 3 points or for a constant side."""
     def ranks(x):
-        order = sorted(range(len(x)), key=lambda i: x[i])
-        r = [0.0] * len(x)
-        i = 0
-        while i < len(order):  # ties share their mean rank
-            j = i
-            while j + 1 < len(order) and x[order[j + 1]] == x[order[i]]:
-                j += 1
-            for k in range(i, j + 1):
-                r[order[k]] = (i + j) / 2
-            i = j + 1
-        return r
+        s = sorted(x)
+        return [(bisect.bisect_left(s, v) + bisect.bisect_right(s, v) - 1) / 2 for v in x]
     if len(a) < 3:
         return None
-    ra, rb = ranks(a), ranks(b)
-    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
-    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
-    var = (sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb)) ** 0.5
-    return cov / var if var else None
+    try:
+        return statistics.correlation(ranks(a), ranks(b))
+    except statistics.StatisticsError:
+        return None
 
 
 def condition_rates(rows: list[dict], flags: dict[str, list[bool]], min_n: int = 30) -> dict:
@@ -138,11 +142,8 @@ def condition_rates(rows: list[dict], flags: dict[str, list[bool]], min_n: int =
     ranks those conditions (Spearman correlation with the hand-labelled rates)."""
     from alignshield.stats import percent_interval
 
-    by: dict[str, list[int]] = {}
-    for i, r in enumerate(rows):
-        by.setdefault(r["condition"], []).append(i)
     table = {}
-    for cond, idx in sorted(by.items()):
+    for cond, idx in _groups(rows, lambda r: r["condition"]).items():
         if len(idx) < min_n:
             continue
         entry = {"n": len(idx)}
@@ -162,8 +163,7 @@ def gold_summary(gold: dict) -> dict:
     summary = {"gold_kappa": round(e["kappa"], 4), "gold_precision": round(e["precision"], 4),
                "gold_recall": round(e["recall"], 4), "gold_rows": gold["rows"], "gold_condition_rank_correlation": gold["conditions"]["rank_correlation"]["embedded"], "gold_labels": gold["labels"],
                "not_family_max_flag_rate": max(e["not_family_flag_rate"].values(), default=0.0), "gold": gold}
-    summary["goals"] = {k: {"goal": v, "met": (summary[k] <= v if k.startswith("not_") else summary[k] >= v)}
-                        for k, v in GOALS.items()}
+    summary["goals"] = goals_met(summary, GOALS, at_most=("not_family_max_flag_rate",))
     return summary
 
 
@@ -319,12 +319,8 @@ def main(argv: list[str] | None = None) -> int:
         "seed": seed,
         "seconds": round(time.time() - t0, 1),
     } | (gold_summary(gold) if gold else {})
-    result["goals"] = result.get("goals", {}) | {
-        "heldout_accuracy": {"goal": SYNTHETIC_GOALS["heldout_accuracy"],
-                             "met": result["heldout_accuracy"] >= SYNTHETIC_GOALS["heldout_accuracy"]},
-        "hard_negatives_max_flag_rate": {"goal": SYNTHETIC_GOALS["hard_negatives_max_flag_rate"],
-                                         "met": result["hard_negatives_max_flag_rate"]
-                                         <= SYNTHETIC_GOALS["hard_negatives_max_flag_rate"]}}
+    result["goals"] = result.get("goals", {}) | goals_met(result, SYNTHETIC_GOALS,
+                                                           at_most=("hard_negatives_max_flag_rate",))
     print(json.dumps(result, sort_keys=False))
     return 0
 
