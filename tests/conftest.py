@@ -97,3 +97,16 @@ def make_cfg(tiny_model_dir, tmp_path):
 def write_jsonl(path: Path, rows: list) -> Path:
     path.write_text("".join((json.dumps(r) if not isinstance(r, str) else r) + "\n" for r in rows), encoding="utf-8")
     return path
+
+
+def interrupted_and_resumed(make, tmp_path: Path, stop_after: int):
+    """(full, resumed): ``make(folder)`` trained to the end in ``full/``; and a trainer stopped after
+    ``stop_after`` steps with a checkpoint in ``cut/``, then built anew on that folder (not trained yet:
+    the caller may tamper with it before ``resumed.train()``)."""
+    full = make(tmp_path / "full")
+    full.train()
+    cut = make(tmp_path / "cut")
+    cut.total_steps = stop_after
+    cut.train()
+    cut._save_checkpoint()
+    return full, make(tmp_path / "cut")

@@ -18,7 +18,7 @@ from alignshield.data.collate import PadCollator, tokenize_pair
 from alignshield.models.lora import attach_lora
 from alignshield.repair.safelora import SafeLoRA, SafeLoRAParams, alignment_matrix
 from alignshield.train import Trainer
-from conftest import make_model, tiny_run_config
+from conftest import interrupted_and_resumed, make_model, tiny_run_config
 
 LORA = LoraSettings(r=4, alpha=8, target_modules=["q_proj", "v_proj"])
 
@@ -182,13 +182,8 @@ def test_negative_entropy():
     (TARTrainer, TARParams(inner_steps=1, inner_lr=0.1)),
 ])
 def test_resume_is_bit_identical(cls, params, tokenizer, tmp_path):
-    full = _trainer(cls, params, tokenizer, tmp_path / "full", steps=3)
-    full.train()
-    cut = _trainer(cls, params, tokenizer, tmp_path / "cut", steps=3)
-    cut.total_steps = 1  # stop after one step...
-    cut.train()
-    cut._save_checkpoint()
-    resumed = _trainer(cls, params, tokenizer, tmp_path / "cut", steps=3)
+    full, resumed = interrupted_and_resumed(lambda path: _trainer(cls, params, tokenizer, path, steps=3),
+                                            tmp_path, 1)  # stop after one step...
     resumed.train()  # ...and finish in a new trainer: same harmful batches, same noise
     for (n, a), b in zip(full.unwrapped_model().named_parameters(), resumed.unwrapped_model().parameters()):
         assert torch.equal(a, b), n

@@ -20,7 +20,7 @@ from alignshield.finetune.lisa import ALIGNMENT, FINETUNE, LisaParams, LisaTrain
 from alignshield.finetune.vlguard import VLGuardParams, VLGuardTrainer
 from alignshield.models.layers import LayerDiscoveryError
 from alignshield.models.lora import attach_lora
-from conftest import make_model, tiny_run_config
+from conftest import interrupted_and_resumed, make_model, tiny_run_config
 
 LORA = LoraSettings(r=4, alpha=8, target_modules="all-linear")
 SAFE = "I'm sorry, I cannot help with that."
@@ -158,13 +158,7 @@ def test_ewc_resume_is_bit_identical(tokenizer, tmp_path):
         t.args.checkpoint_every = 2
         return t
 
-    full = make(tmp_path / "full")
-    full.train()
-    cut = make(tmp_path / "cut")
-    cut.total_steps = 5
-    cut.train()
-    cut._save_checkpoint()
-    resumed = make(tmp_path / "cut")
+    full, resumed = interrupted_and_resumed(make, tmp_path, 5)
     fisher = [f.clone() for f in resumed.fisher]
     resumed.fisher = [torch.zeros_like(f) for f in resumed.fisher]  # the checkpoint's Fisher must win
     resumed.train()
@@ -404,13 +398,7 @@ def test_lisa_resume_is_bit_identical(tokenizer, tmp_path):
         t.args.checkpoint_every = 2
         return t
 
-    full = make(tmp_path / "full")
-    full.train()
-    cut = make(tmp_path / "cut")
-    cut.total_steps = 5  # stop in the middle of a fine-tune phase (steps 4-5)...
-    cut.train()
-    cut._save_checkpoint()
-    resumed = make(tmp_path / "cut")
+    full, resumed = interrupted_and_resumed(make, tmp_path, 5)  # stop in the middle of a fine-tune phase (4-5)...
     resumed.train()  # ...and finish in a new trainer: step 5's proximal anchor comes from the checkpoint
     for a, b in zip(full.trainable, resumed.trainable):
         assert torch.equal(a, b)

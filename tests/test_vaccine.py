@@ -14,7 +14,7 @@ from alignshield.data import Example
 from alignshield.data.collate import PadCollator, tokenize_pair
 from alignshield.models.layers import LayerDiscoveryError, discover
 from alignshield.models.lora import attach_lora
-from conftest import TINY_FAMILIES, make_model, tiny_config
+from conftest import TINY_FAMILIES, interrupted_and_resumed, make_model, tiny_config
 
 LORA = LoraSettings(r=4, alpha=8, target_modules="all-linear")
 LORA_DROPOUT = LoraSettings(r=4, alpha=8, dropout=0.1, target_modules="all-linear")
@@ -337,15 +337,13 @@ def test_layers_per_step_is_clamped_with_a_warning(tokenizer, tmp_path):
 @pytest.mark.parametrize("inactive", ["freeze-attention", "freeze-all"])
 def test_tvaccine_resume_is_bit_identical(tokenizer, tmp_path, inactive):
     params = TVaccineParams(layers_per_step=1, score_every=2, resample_every=1, inactive=inactive)
-    full = _trainer(TVaccineTrainer, params, tokenizer, tmp_path / "full", layers=3, steps=4, dtype=torch.float32)
-    full.args.checkpoint_every = 2
-    full.train()
-    cut = _trainer(TVaccineTrainer, params, tokenizer, tmp_path / "cut", layers=3, steps=4, dtype=torch.float32)
-    cut.args.checkpoint_every = 2
-    cut.total_steps = 2  # stop after the first checkpoint...
-    cut.train()
-    cut._save_checkpoint()
-    resumed = _trainer(TVaccineTrainer, params, tokenizer, tmp_path / "cut", layers=3, steps=4, dtype=torch.float32)
+
+    def make(path):
+        trainer = _trainer(TVaccineTrainer, params, tokenizer, path, layers=3, steps=4, dtype=torch.float32)
+        trainer.args.checkpoint_every = 2
+        return trainer
+
+    full, resumed = interrupted_and_resumed(make, tmp_path, 2)  # stop after the first checkpoint...
     resumed.train()  # ...and finish in a new trainer
     assert [d for d in resumed.draws] == full.draws
     for (n, a), b in zip(full.unwrapped_model().named_parameters(), resumed.unwrapped_model().parameters()):
@@ -594,13 +592,7 @@ def test_random_vaccine_resume_is_bit_identical(tokenizer, tmp_path):
         trainer.args.checkpoint_every = 2
         return trainer
 
-    full = make(tmp_path / "full")
-    full.train()
-    cut = make(tmp_path / "cut")
-    cut.total_steps = 2
-    cut.train()
-    cut._save_checkpoint()
-    resumed = make(tmp_path / "cut")
+    full, resumed = interrupted_and_resumed(make, tmp_path, 2)
     resumed.train()
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
     for (n, a), b in zip(full.unwrapped_model().named_parameters(), resumed.unwrapped_model().parameters()):
