@@ -400,6 +400,53 @@ def sweep_command(
     _guarded(act)
 
 
+@app.command("attack")
+def attack_command(
+    attack: str = typer.Argument(
+        ..., help="An attack file, or a shipped attack: embedded (LoRA attacks), embedded-full (+ full-parameter)."),
+    overrides: Optional[list[str]] = typer.Argument(
+        None, help="The defence, as dotted overrides of the attack's base, e.g. align.method=vaccine repair.method=antidote."),
+    config: Optional[list[Path]] = ConfigOpt,
+    preset: Optional[str] = PresetOpt,
+    trials: Optional[int] = typer.Option(None, "--trials", "-n", help="Budget: trials to finish (overrides the file's)."),
+    epsilon: Optional[float] = typer.Option(
+        None, "--epsilon", "-e", help="Points of fine-tune accuracy the attacker may lose (overrides the file's)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Check the space and the defence; compute nothing."),
+) -> None:
+    """Search the fine-tune attacks for the worst harmful score a defence lets through (Optuna TPE),
+    keeping fine-tune accuracy within epsilon of the undefended pipeline's. Resumes after an interruption."""
+    from alignshield.experiments import attack as at
+
+    def act() -> None:
+        spec, source = at.load_attack(attack)
+        changes = {k: v for k, v in {"trials": trials, "epsilon": epsilon}.items() if v is not None}
+        if changes:
+            spec = spec.replaced(**changes)
+        search = at.Attack(spec, source, preset=preset, files=config or [], overrides=overrides or [])
+        console.print(f"attack {spec.name}: {spec.trials} trials, epsilon {spec.epsilon:g} points of {spec.utility}, "
+                      f"maximising {search.objective}; study {search.study} in {search.storage_path}")
+        if dry_run:
+            search.validate()
+            console.print("space and defence check out; nothing computed")
+            return
+        result = search.run(echo=console.print)
+        table = Table(show_header=True, title=f"{search.study}: {len(result.trials)} trials (reference "
+                      f"{spec.utility} {result.reference_utility:g}, floor {result.floor:g})")
+        for col in ["trial", *spec.space, search.objective, "95 % CI", spec.utility, "within budget"]:
+            table.add_column(col)
+        for t in result.trials:
+            low, high = (t.metrics.get(f"ci95/{search.objective}/{e}") for e in ("low", "high"))
+            table.add_row(str(t.index), *(str(t.params[k]) for k in spec.space), f"{t.objective:g}",
+                          f"[{low:g}, {high:g}]" if low is not None else "", f"{t.utility:g}",
+                          "yes" if t.feasible else "no")
+        _wide_console().print(table)
+        worst = result.worst
+        console.print(f"worst case within epsilon: {search.objective} = {worst.objective:g} (trial {worst.index}: "
+                      f"{at.label(worst.params)})" if worst else "no trial within the utility budget")
+
+    _guarded(act)
+
+
 def _wide_console() -> Console:
     """stdout; as wide as needed when it is a pipe or a log (rich would wrap tables at 80 columns)."""
     return Console() if sys.stdout.isatty() else Console(width=240)

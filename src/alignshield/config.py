@@ -204,10 +204,12 @@ class FinetuneConfig(StageConfig):
     """Harmful prompt/answer pairs the fine-tune's harmful samples are drawn from."""
     with_replacement: bool = False
     """Sample with replacement when n (or round(p * n)) exceeds the pool; otherwise that is an error."""
-    topology: Literal["two-lora", "single-lora"] | None = None
+    topology: Literal["two-lora", "single-lora", "full"] | None = None
     """two-lora: merge the alignment LoRA, train a fresh one (the papers' default). single-lora: keep
-    training the alignment LoRA. Unset: the method's own (single-lora for EWC, whose reference reuses
-    the aligned LoRA; two-lora for every other method); resolved before anything is hashed."""
+    training the alignment LoRA. full: merge the alignment LoRA and train every weight of the model
+    (full-parameter fine-tuning, an attack the LoRA papers do not test; no adapter, so no repair that
+    edits one). Unset: the method's own (single-lora for EWC, whose reference reuses the aligned LoRA;
+    two-lora for every other method); resolved before anything is hashed."""
     lora: LoraSettings = LoraSettings()
     """The fine-tune LoRA (LoRA #2, or the alignment's with ``topology: single-lora``)."""
     train: FinetuneTrain = FinetuneTrain()

@@ -26,7 +26,7 @@ from alignshield.evaluate.judges import JUDGES
 from alignshield.finetune import FINETUNE_METHODS
 from alignshield.io import atomic_dir, held_lock, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from alignshield.models.load import resolve_dtype
-from alignshield.models.lora import ADAPTER_DIR, attach_lora, load_adapter, merge_adapter
+from alignshield.models.lora import ADAPTER_DIR, MODEL_DIR, attach_lora, is_peft, load_adapter, merge_adapter
 from alignshield.repair import REPAIR_METHODS
 from alignshield.tasks import TASKS
 
@@ -115,6 +115,10 @@ def validate(cfg: RunConfig, upto: str = "evaluate") -> None:
         if REPAIR_METHODS.get(cfg.repair.method).edits and not FINETUNE_METHODS.get(cfg.finetune.method).trains:
             raise ConfigError(f"repair.method={cfg.repair.method} edits the fine-tune adapter, but finetune.method="
                               f"{cfg.finetune.method} trains none: use repair.method=none")
+        if REPAIR_METHODS.get(cfg.repair.method).edits and cfg.finetune.topology == "full":
+            raise ConfigError(f"repair.method={cfg.repair.method} edits the fine-tune LoRA adapter, but "
+                              "finetune.topology=full trains every weight and leaves no adapter: use "
+                              "repair.method=none or a LoRA topology")
     if upto == "evaluate":
         for name in cfg.evaluate.judges:
             check_available(name, cfg.evaluate.judge_options.get(name))
@@ -207,6 +211,13 @@ def finetune(cfg: RunConfig) -> Path:
         adapter = align_dir / ADAPTER_DIR
         if ft.topology == "single-lora" and adapter.exists():
             model = load_adapter(model, adapter, trainable=True)
+        elif ft.topology == "full":
+            model = merge_adapter(model, adapter) if adapter.exists() else model
+            model.requires_grad_(True)
+            if cfg.model.dtype != "float32":
+                log.warning("full-parameter fine-tuning in %s keeps no float32 master weights: updates smaller "
+                            "than ~0.4 %% of a weight round away (model.dtype=float32 trains them exactly)",
+                            cfg.model.dtype)
         else:
             model = attach_lora(merge_adapter(model, adapter) if adapter.exists() else model, ft.lora)
         train_set = _tokenize([e for e, _ in mix], tokenizer, cfg, ft.train.max_length)
@@ -276,6 +287,11 @@ def final_model(cfg: RunConfig, final_dir: Path | None = None):
     missing stages first when ``final_dir`` (``repair(cfg)``'s folder) is not given."""
     final_dir = repair(cfg) if final_dir is None else final_dir
     adapter = final_dir / ADAPTER_DIR
+    if (final_dir / MODEL_DIR).exists():  # finetune.topology=full: the whole fine-tuned model
+        from alignshield.models.load import load_model, load_tokenizer
+
+        whole = cfg.model.model_copy(update={"name": str(final_dir / MODEL_DIR), "gguf_file": None, "revision": None})
+        return load_model(whole), load_tokenizer(cfg.model)
     if adapter.exists():
         model, tokenizer = _aligned_base(cfg)
         return merge_adapter(model, adapter), tokenizer
@@ -381,7 +397,8 @@ def _train(method, model, train_set, cfg: RunConfig, stage: str, params, work: P
                      pad_token_id=tokenizer.pad_token_id, extra_data=extra, model_config=cfg.model)
     report = trainer.train()
     if trainer.accelerator.is_main_process:
-        trainer.unwrapped_model().save_pretrained(work / ADAPTER_DIR)
+        trained = trainer.unwrapped_model()
+        trained.save_pretrained(work / (ADAPTER_DIR if is_peft(trained) else MODEL_DIR))
     trainer.finish()
     return report | {"train_examples": len(train_set)}
 

@@ -263,12 +263,23 @@ def build_report(
         missing = [n for n in names if n not in known]
         if missing:
             raise ReportError(f"no sweep {missing[0]!r} in {store.path}. Known: {', '.join(known) or '(none)'}")
-        sections = [_section(n, store.runs(n), known[n]["spec"], out, hs_metric, fa_metric) for n in names]
-        for sec in sections:
-            hs = _pick(sec.runs, hs_metric, PREFERRED_HS, "harmful_score/")
+        from alignshield.experiments import attack_report
+
+        sections, attacks = [], []
+        for n in names:
+            runs, spec = store.runs(n), known[n]["spec"]
+            if attack_report.is_attack(spec):  # an `alignshield attack` study
+                attacks.append((n, runs, spec))
+                sections.append(attack_report.section(n, runs, spec, out))
+                continue
+            sec = _section(n, runs, spec, out, hs_metric, fa_metric)
+            hs = _pick(runs, hs_metric, PREFERRED_HS, "harmful_score/")
             if hs:
-                groups = aggregate(sec.runs, swept_fields(sec.runs), [hs])
-                sec.comparison_header, sec.comparison_rows = comparisons(store, groups, swept_fields(sec.runs), hs)
+                groups = aggregate(runs, swept_fields(runs), [hs])
+                sec.comparison_header, sec.comparison_rows = comparisons(store, groups, swept_fields(runs), hs)
+            sections.append(sec)
+        if attacks:
+            sections.append(attack_report.summary(attacks))
     md = out / "report.md"
     md.write_text(_markdown(sections, output_dir), encoding="utf-8")
     page = None
@@ -482,8 +493,9 @@ def _markdown(sections: list[Section], output_dir: Path) -> str:
             parts += [_COMPARISONS, "", _md_table(s.comparison_header, s.comparison_rows), ""]
         for f in s.figures:
             parts += [f"![{f.title}]({f.path.name})", "", f"*{f.caption}*", ""]
-        parts += ["<details><summary>every run</summary>", "", _md_table(s.run_header, s.run_rows), "",
-                  "</details>", ""]
+        if s.run_rows:
+            parts += ["<details><summary>every run</summary>", "", _md_table(s.run_header, s.run_rows), "",
+                      "</details>", ""]
     return "\n".join(parts)
 
 
@@ -535,6 +547,7 @@ def _html(sections: list[Section], output_dir: Path) -> str:
                 parts.append(f"<figure><img alt='{html.escape(f.title)}' src='data:image/png;base64,{data}'>"
                              f"<figcaption>{html.escape(f.caption)}</figcaption></figure>")
             parts.append("</div>")
-        parts.append("<details><summary>every run</summary>" + _html_table(s.run_header, s.run_rows) + "</details>")
+        if s.run_rows:
+            parts.append("<details><summary>every run</summary>" + _html_table(s.run_header, s.run_rows) + "</details>")
     parts.append("</body></html>")
     return "\n".join(parts)

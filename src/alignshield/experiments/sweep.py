@@ -380,8 +380,6 @@ def run_sweep(sweep: Sweep, *, keep_going: bool = False, echo: Callable[[str], N
     data-parallel); rank 0 decides what to skip and tells the others, and only rank 0 writes the
     database. Other sweeps may run into the same folder at the same time (see ``restrict``).
     """
-    from alignshield import stages
-
     main = _is_main_process()
     echo = echo if (echo and main) else (lambda _msg: None)
     out_dir = sweep.output_dir
@@ -395,19 +393,9 @@ def run_sweep(sweep: Sweep, *, keep_going: bool = False, echo: Callable[[str], N
         total = len(sweep.runs)
         for i, run in enumerate(sweep.runs, 1):
             label = ", ".join(f"{k}={_short(v)}" for k, v in run.swept.items()) or "base config"
-            skip = bool(store and store.has_run(run.key) and run.dirs["evaluate"].exists())
-            if _broadcast(skip):
-                if store:
-                    store.add_membership(sweep.name, run.key, run.position, run.swept)
-                outcome.cached.append(run.key)
-                echo(f"[{i}/{total}] {label}: done already ({run.key})")
-                continue
-            echo(f"[{i}/{total}] {label}: running ({run.key})")
-            scope = _reset_peak_memory()
-            t0 = time.perf_counter()
             try:
-                with stages.recording_builds() as built:
-                    metrics = stages.run(run.config)
+                done = execute(run, store, sweep.name, env,
+                               on_start=lambda: echo(f"[{i}/{total}] {label}: running ({run.key})"))
             except Exception as err:  # noqa: BLE001 -- keep_going records it and moves on
                 if not keep_going:
                     raise
@@ -415,31 +403,66 @@ def run_sweep(sweep: Sweep, *, keep_going: bool = False, echo: Callable[[str], N
                 outcome.failed.append((run.key, f"{type(err).__name__}: {err}"))
                 echo(f"[{i}/{total}] {label}: FAILED: {type(err).__name__}: {err}")
                 continue
-            wall = time.perf_counter() - t0
-            computed = [s for s, d in run.dirs.items() if d in built]
-            if not computed and _broadcast(bool(store and store.has_run(run.key))):
-                # a concurrent sweep finished and recorded this run while this one waited for it
-                if store:
-                    store.add_membership(sweep.name, run.key, run.position, run.swept)
+            if done.computed is None:
                 outcome.cached.append(run.key)
-                echo(f"[{i}/{total}] {label}: done by another sweep meanwhile ({run.key})")
+                echo(f"[{i}/{total}] {label}: done {'already' if done.wall is None else 'by another sweep meanwhile'} "
+                     f"({run.key})")
                 continue
-            if store:
-                rss, gpu = _peak_memory()
-                record = RunRecord(
-                    run_key=run.key, config=run.config.model_dump(mode="json"), swept=run.swept,
-                    seed=run.config.seed, stage_dirs={s: str(d) for s, d in run.dirs.items()},
-                    computed=computed, versions=env["versions"], git_revision=env["git_revision"],
-                    wall_seconds=round(wall, 3), peak_rss_mb=rss, peak_rss_scope=scope, peak_gpu_mb=gpu,
-                    world_size=_world_size(), host=env["host"], dtype=run.config.model.dtype,
-                    verdicts=_verdicts(run.dirs["evaluate"], run.config.evaluate.harmful.start),
-                )
-                store.record_run(record, metrics, sweep=sweep.name, position=run.position)
             outcome.computed.append(run.key)
-            echo(f"[{i}/{total}] {label}: finished in {wall:.1f} s ({', '.join(computed) or 'all stages reused'}) "
-                 f"{_headline(metrics)}")
+            reused = ", ".join(done.computed) or "all stages reused"
+            echo(f"[{i}/{total}] {label}: finished in {done.wall:.1f} s ({reused}) {_headline(done.metrics)}")
     outcome.seconds = round(time.perf_counter() - t_start, 2)
     return outcome
+
+
+@dataclass
+class Executed:
+    metrics: dict[str, Any]
+    computed: list[str] | None
+    """Stages this call computed; None: the run was finished and recorded already (by this sweep
+    before, or by another sweep while this one waited), so nothing was recorded now."""
+    wall: float | None
+    """Seconds this call spent running it; None when it was skipped without running."""
+
+
+def execute(run: Run, store: ResultStore | None, sweep: str, env: dict[str, Any],
+            on_start: Callable[[], None] = lambda: None) -> Executed:
+    """One run of a sweep (or of an attack search): skipped when it is finished and recorded, else
+    ``stages.run`` (sharing every finished stage) and recorded in ``store`` as a member of ``sweep``.
+    Every process calls it under DDP; rank 0 alone (``store`` not None) decides and writes."""
+    from alignshield import stages
+
+    def metrics_on_disk() -> dict[str, Any]:
+        return json.loads((run.dirs["evaluate"] / "metrics.json").read_text(encoding="utf-8"))
+
+    if _broadcast(bool(store and store.has_run(run.key) and run.dirs["evaluate"].exists())):
+        if store:
+            store.add_membership(sweep, run.key, run.position, run.swept)
+        return Executed(metrics_on_disk(), None, None)
+    on_start()
+    scope = _reset_peak_memory()
+    t0 = time.perf_counter()
+    with stages.recording_builds() as built:
+        metrics = stages.run(run.config)
+    wall = time.perf_counter() - t0
+    computed = [s for s, d in run.dirs.items() if d in built]
+    if not computed and _broadcast(bool(store and store.has_run(run.key))):
+        # a concurrent sweep finished and recorded this run while this one waited for it
+        if store:
+            store.add_membership(sweep, run.key, run.position, run.swept)
+        return Executed(metrics, None, wall)
+    if store:
+        rss, gpu = _peak_memory()
+        record = RunRecord(
+            run_key=run.key, config=run.config.model_dump(mode="json"), swept=run.swept,
+            seed=run.config.seed, stage_dirs={s: str(d) for s, d in run.dirs.items()},
+            computed=computed, versions=env["versions"], git_revision=env["git_revision"],
+            wall_seconds=round(wall, 3), peak_rss_mb=rss, peak_rss_scope=scope, peak_gpu_mb=gpu,
+            world_size=_world_size(), host=env["host"], dtype=run.config.model.dtype,
+            verdicts=_verdicts(run.dirs["evaluate"], run.config.evaluate.harmful.start),
+        )
+        store.record_run(record, metrics, sweep=sweep, position=run.position)
+    return Executed(metrics, computed, wall)
 
 
 def _verdicts(evaluate_dir: Path, start: int) -> list[tuple[int, str, bool, float | None, str | None]]:

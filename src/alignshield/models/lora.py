@@ -9,6 +9,8 @@ import torch
 from alignshield.config import LoraSettings
 
 ADAPTER_DIR = "adapter"
+MODEL_DIR = "model"
+"""Where a full-parameter fine-tune (``finetune.topology=full``) saves the whole model instead of an adapter."""
 
 
 def attach_lora(model: torch.nn.Module, settings: LoraSettings):
@@ -28,6 +30,10 @@ def load_adapter(model: torch.nn.Module, adapter: Path, trainable: bool = False)
     from peft import PeftModel
 
     return PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)
+
+
+def is_peft(model: torch.nn.Module) -> bool:
+    return hasattr(model, "peft_config")
 
 
 def merge_adapter(model: torch.nn.Module, adapter: Path) -> torch.nn.Module:
