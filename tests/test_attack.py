@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -188,3 +189,71 @@ def test_the_shipped_attacks_load_and_name_their_spaces():
     for name in at.known_attacks():
         spec, _ = at.load_attack(name)
         assert spec.space and spec.trials > 0 and spec.description
+
+
+# ------------------------------------------------------------------ benign-selection attacks
+
+
+def _pairs(tokenizer, n, offset=0):
+    from alignshield.data.collate import tokenize_pair
+    from alignshield.data.pools import Example
+
+    words = ["good", "bad", "fine film", "awful plot twist", "the quick brown fox", "lazy dog 1 2 3"]
+    return [tokenize_pair(tokenizer, Example(f"Review {i}: {words[(i + offset) % 6]}", "",
+                                             words[(i * 5 + offset) % 6] * (1 + i % 3)), "alpaca", 64)
+            for i in range(n)]
+
+
+@pytest.mark.parametrize("method", ["self-inf-n", "harmful-gradient"])
+def test_selection_scores_equal_an_independent_computation(tokenizer, method):
+    from alignshield.config import BenignSelection
+    from alignshield.data.collate import IGNORE_INDEX
+    from alignshield.finetune import select
+    from alignshield.models.layers import discover
+    from conftest import make_model
+
+    model = make_model("llama", layers=2).double()
+    layers = discover(model).layers
+    candidates, anchors = _pairs(tokenizer, 5), _pairs(tokenizer, 3, offset=2)
+    settings = BenignSelection(method=method, layers=1, anchors=3)
+    got = select.scores(model, candidates, anchors, settings, layers, tokenizer.eos_token_id, progress=False)
+    assert all(p.requires_grad for p in model.parameters()), "the trainable flags are restored"
+
+    def grad(t):  # the plain way: model(...).loss, backward, read .grad of the last layer's weights
+        model.zero_grad()
+        ids = torch.tensor([t.input_ids])
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=torch.tensor([t.labels])).loss.backward()
+        return torch.cat([p.grad.reshape(-1) for p in layers[-1].parameters()])
+
+    if method == "self-inf-n":
+        want = [math.log(grad(t).pow(2).sum().item() + 1) + math.log(sum(x != IGNORE_INDEX for x in t.labels) + 1)
+                for t in candidates]
+    else:
+        mean = torch.stack([grad(a) for a in anchors]).mean(0)
+        want = [torch.nn.functional.cosine_similarity(grad(t), mean, dim=0).item() for t in candidates]
+    assert got == pytest.approx(want, rel=1e-9, abs=1e-12)
+    assert select.top([1.0, 3.0, 3.0, 2.0], 3) == [1, 2, 3]
+
+
+def test_selection_attack_fine_tunes_on_the_top_scored_benign_examples(make_cfg):
+    from alignshield import stages
+    from alignshield.tasks import TASKS
+
+    cfg = make_cfg("finetune.select.method=self-inf-n", "finetune.select.candidates=30", "finetune.p=0.2")
+    out = stages.finetune(cfg)
+    report = json.loads((out / "stage.json").read_text())["report"]["select"]
+    assert report["candidates"] == 30 and report["chosen"] == 8  # n = 10, round(0.2 * 10) = 2 harmful
+    pool = TASKS.get("sst2").examples("train")
+    chosen = {(pool[i].prompt, pool[i].input, pool[i].response) for i in report["chosen_rows"]}
+    mix = [json.loads(line) for line in (out / "mix.jsonl").read_text().splitlines()]
+    assert {(m["prompt"], m["input"], m["response"]) for m in mix if not m["harmful"]} == chosen
+    assert sum(m["harmful"] for m in mix) == 2
+    # a random selection keeps its key (stages computed before finetune.select existed stay valid)
+    assert "select" not in stages._key(make_cfg().finetune) and "select" in stages._key(cfg.finetune)
+
+
+def test_selection_needs_enough_candidates(make_cfg):
+    from alignshield import stages
+
+    with pytest.raises(ConfigError, match="finetune.select.candidates"):
+        stages.validate(make_cfg("finetune.select.method=self-inf-n", "finetune.select.candidates=5"))

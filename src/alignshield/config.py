@@ -190,6 +190,21 @@ class AlignConfig(StageConfig):
     """The alignment's training loop."""
 
 
+class BenignSelection(Strict):
+    """Which task examples go into the fine-tune mix (finetune/select.py)."""
+
+    method: Literal["random", "self-inf-n", "harmful-gradient"] = "random"
+    """``random``: a seeded uniform draw (the papers' protocol). ``self-inf-n`` / ``harmful-gradient``:
+    the attacker's choice of benign examples by their gradient on the aligned model (finetune/select.py)."""
+    candidates: int = Field(1000, gt=0)
+    """Task examples scored (a seeded draw from the train split; all of it when smaller)."""
+    anchors: int = Field(32, gt=0)
+    """``harmful-gradient``: harmful pairs (a seeded draw from ``finetune.harmful``) whose mean
+    gradient the candidates are compared with."""
+    layers: int = Field(1, gt=0)
+    """Gradients of the weights of the last ``layers`` decoder layers (fewer: cheaper)."""
+
+
 class FinetuneConfig(StageConfig):
     _section = "finetune"
     method: str = "sft"
@@ -202,6 +217,9 @@ class FinetuneConfig(StageConfig):
     """Harmful fraction of the fine-tuning data, in [0, 1]: round(p * n) of the n samples are harmful."""
     harmful: Pool = Pool(dataset="beavertails_unsafe", start=0, stop=2000)
     """Harmful prompt/answer pairs the fine-tune's harmful samples are drawn from."""
+    select: BenignSelection = BenignSelection()
+    """How the n - round(p n) task examples are chosen: at random (the papers' protocol), or by an
+    attacker who picks the benign examples that erode alignment most (``method: self-inf-n``)."""
     with_replacement: bool = False
     """Sample with replacement when n (or round(p * n)) exceeds the pool; otherwise that is an error."""
     topology: Literal["two-lora", "single-lora", "full"] | None = None

@@ -11,7 +11,10 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import math
 import os
+import random
+import statistics
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -28,6 +31,7 @@ from alignshield.io import atomic_dir, held_lock, write_json_atomic, write_jsonl
 from alignshield.models.load import resolve_dtype
 from alignshield.models.lora import ADAPTER_DIR, MODEL_DIR, attach_lora, is_peft, load_adapter, merge_adapter
 from alignshield.repair import REPAIR_METHODS
+from alignshield.seeding import derive_seed
 from alignshield.tasks import TASKS
 
 log = logging.getLogger(__name__)
@@ -61,8 +65,7 @@ def stage_dirs(cfg: RunConfig) -> dict[str, Path]:
     # a fine-tune that trains nothing is keyed by its method and task alone (the task because the
     # evaluation's accuracy is measured on it and its key builds on this one): n, p, lr... are unused
     trains = cfg.finetune.method not in FINETUNE_METHODS or FINETUNE_METHODS.get(cfg.finetune.method).trains
-    ft_key = (cfg.finetune.model_dump(mode="json") if trains
-              else {"method": cfg.finetune.method, "task": cfg.finetune.task})
+    ft_key = (_key(cfg.finetune) if trains else {"method": cfg.finetune.method, "task": cfg.finetune.task})
     f = stable_hash(a, ft_key)
     # a repair that edits nothing ("none") leaves the evaluation keyed by the fine-tune alone, so its
     # unused settings (e.g. the calibration pool) cannot make an identical evaluation look new
@@ -75,6 +78,15 @@ def stage_dirs(cfg: RunConfig) -> dict[str, Path]:
         "repair": root / "repair" / f"{cfg.repair.method}-{r}",
         "evaluate": root / "evaluate" / f"{cfg.finetune.task}-{e}",
     }
+
+
+def _key(ft) -> dict[str, Any]:
+    """The fine-tune's key: its config, less ``select`` when the selection is random (its other
+    settings are then unused; and the stages computed before ``select`` existed keep their folders)."""
+    dumped = ft.model_dump(mode="json")
+    if ft.select.method == "random":
+        del dumped["select"]
+    return dumped
 
 
 def _judge_versions(cfg: RunConfig) -> dict[str, Any]:
@@ -139,9 +151,15 @@ def _check_mix_sizes(cfg: RunConfig, task) -> None:
     """The fine-tune mix's n - round(p n) task examples and round(p n) harmful ones exist (unless
     sampling with replacement)."""
     ft = cfg.finetune
+    k = harmful_count(ft.n, ft.p)
+    if ft.select.method != "random":
+        scored = min(ft.select.candidates, len(task.rows("train")))
+        if scored < ft.n - k:
+            raise ConfigError(f"finetune.select.method={ft.select.method} chooses {ft.n - k} task examples from "
+                              f"{scored} candidates: raise finetune.select.candidates (the {task.name} train split "
+                              f"holds {len(task.rows('train'))}) or lower finetune.n")
     if ft.with_replacement:
         return
-    k = harmful_count(ft.n, ft.p)
     pool = ft.harmful
     for what, need, have, source in (
         ("task", ft.n - k, len(task.rows("train")), f"the {task.name} train split ({task.train_file})"),
@@ -200,28 +218,31 @@ def finetune(cfg: RunConfig) -> Path:
             _finish_stage(work, cfg, "finetune", params, {"trained": False})
         return out
     task = TASKS.get(ft.task)
-    mix = build_mix(task.examples("train"), load_pool(ft.harmful), ft.n, ft.p, cfg.seed, ft.with_replacement)
     with _stage_output(out) as work:
         if work is None:  # another process built it while this one waited
             return out
-        if _is_main_process():
-            write_jsonl_atomic(work / "mix.jsonl", [{"harmful": h, "prompt": e.prompt, "input": e.input,
-                                                     "response": e.response} for e, h in mix])
         model, tokenizer = _base(cfg)
         adapter = align_dir / ADAPTER_DIR
         if ft.topology == "single-lora" and adapter.exists():
             model = load_adapter(model, adapter, trainable=True)
-        elif ft.topology == "full":
-            model = merge_adapter(model, adapter) if adapter.exists() else model
+        elif adapter.exists():
+            model = merge_adapter(model, adapter)
+        # the model is now the aligned model the fine-tune starts from: a selection attack scores on it
+        benign, selection = _benign_examples(model, tokenizer, cfg, task.examples("train"))
+        mix = build_mix(benign, load_pool(ft.harmful), ft.n, ft.p, cfg.seed, ft.with_replacement)
+        if _is_main_process():
+            write_jsonl_atomic(work / "mix.jsonl", [{"harmful": h, "prompt": e.prompt, "input": e.input,
+                                                     "response": e.response} for e, h in mix])
+        if ft.topology == "full":
             model.requires_grad_(True)
             if cfg.model.dtype != "float32":
                 log.warning("full-parameter fine-tuning in %s keeps no float32 master weights: updates smaller "
                             "than ~0.4 %% of a weight round away (model.dtype=float32 trains them exactly)",
                             cfg.model.dtype)
-        else:
-            model = attach_lora(merge_adapter(model, adapter) if adapter.exists() else model, ft.lora)
+        elif not is_peft(model):  # two-lora, or single-lora without an alignment adapter to train on
+            model = attach_lora(model, ft.lora)
         train_set = _tokenize([e for e, _ in mix], tokenizer, cfg, ft.train.max_length)
-        report = {"n": ft.n, "n_harmful": sum(h for _, h in mix), "p": ft.p, "task": ft.task}
+        report = {"n": ft.n, "n_harmful": sum(h for _, h in mix), "p": ft.p, "task": ft.task} | selection
         # the alignment pool, for fine-tune-stage defences that use it (EWC's Fisher, Lisa, VLGuard mixing),
         # and which user examples are harmful (VLGuard replaces benign ones)
         extra = {"alignment": _tokenize(load_pool(cfg.align.data.safety), tokenizer, cfg, ft.train.max_length),
@@ -229,6 +250,34 @@ def finetune(cfg: RunConfig) -> Path:
         report |= _train(method, model, train_set, cfg, "finetune", params, work, tokenizer, extra)
         _finish_stage(work, cfg, "finetune", params, report)
     return out
+
+
+def _benign_examples(model, tokenizer, cfg: RunConfig, pool: list[Example]) -> tuple[list[Example], dict]:
+    """The task examples the mix draws from: the whole train split (``select.method=random``), or the
+    n - round(p n) that a selection attack scores highest on the aligned model (finetune/select.py)."""
+    from alignshield.finetune import select
+    from alignshield.models.layers import discover
+
+    ft = cfg.finetune
+    settings = ft.select
+    if settings.method == "random":
+        return pool, {}
+    rows = select.candidate_indices(len(pool), settings, cfg.seed)
+    harmful = load_pool(ft.harmful)
+    rng = random.Random(derive_seed(cfg.seed, "benign-selection-anchors"))
+    anchors = rng.sample(harmful, min(settings.anchors, len(harmful))) if settings.method == "harmful-gradient" else []
+    tok = lambda examples: _tokenize(examples, tokenizer, cfg, ft.train.max_length)  # noqa: E731
+    layout = discover(model, cfg.model.decoder_layers, cfg.model.attention_module)
+    t0 = time.perf_counter()
+    values = select.scores(model, tok([pool[i] for i in rows]), tok(anchors), settings, layout.layers,
+                           tokenizer.pad_token_id)
+    chosen = select.top(values, ft.n - harmful_count(ft.n, ft.p))
+    report = {"select": {"method": settings.method, "candidates": len(rows), "chosen": len(chosen),
+                         "chosen_rows": [rows[i] for i in chosen],
+                         "score_chosen_min": round(min((values[i] for i in chosen), default=math.nan), 6),
+                         "score_median": round(statistics.median(values), 6),
+                         "seconds": round(time.perf_counter() - t0, 2)}}
+    return [pool[rows[i]] for i in chosen], report
 
 
 def repair(cfg: RunConfig) -> Path:
