@@ -144,6 +144,8 @@ def list_names() -> None:
     from alignshield.config import PRESETS_DIR
     from alignshield.data.pools import DATASETS
     from alignshield.evaluate.judges import JUDGES
+    from alignshield.experiments.attack import known_attacks
+    from alignshield.experiments.sweep import known_grids
     from alignshield.finetune import FINETUNE_METHODS
     from alignshield.repair import REPAIR_METHODS
     from alignshield.tasks import TASKS
@@ -159,6 +161,8 @@ def list_names() -> None:
         ("datasets", DATASETS.names()),
         ("judges", JUDGES.names()),
         ("presets", sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))),
+        ("grids", known_grids()),
+        ("attacks", known_attacks()),
     ]:
         table.add_row(kind, ", ".join(names))
     Console().print(table)
