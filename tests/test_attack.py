@@ -257,3 +257,21 @@ def test_selection_needs_enough_candidates(make_cfg):
 
     with pytest.raises(ConfigError, match="finetune.select.candidates"):
         stages.validate(make_cfg("finetune.select.method=self-inf-n", "finetune.select.candidates=5"))
+
+
+def test_a_combination_that_cannot_run_is_skipped_not_counted(tmp_path, tiny_model_dir):
+    import optuna
+
+    # every value is fine alone; self-inf-n at p = 0 would choose all n = 10 from 6 candidates
+    space = {"finetune.select.method": ["random", "self-inf-n"], "finetune.p": [0.5, 0.0]}
+    search = _attack(tmp_path, tiny_model_dir, space=space, trials=3, startup_trials=3,
+                     overrides={"finetune.select.candidates": 6})
+    result = search.run()
+    assert len(result.trials) == 3
+    assert all(t.params != {"finetune.select.method": "self-inf-n", "finetune.p": 0.0} for t in result.trials)
+    failed = optuna.load_study(study_name=search.study, storage=f"sqlite:///{search.storage_path}").get_trials(
+        deepcopy=False, states=(optuna.trial.TrialState.FAIL,))
+    assert failed and all("finetune.select.candidates" in t.user_attrs["invalid"] for t in failed)
+    again = _attack(tmp_path, tiny_model_dir, "again", space=space, trials=3, startup_trials=3,
+                    overrides={"finetune.select.candidates": 6}).run()
+    assert [t.params for t in again.trials] == [t.params for t in result.trials]

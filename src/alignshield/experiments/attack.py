@@ -33,10 +33,14 @@ stored in ``<output_dir>/attacks/<study>.sqlite``; each trial is one run of the 
 ``output_dir``, so trials share every finished stage with each other and with sweeps (the
 alignment is trained once), and each is recorded in ``results.sqlite`` as a member of the sweep
 named after the study (its swept fields are the trial's attack config). Determinism and resume:
-the k-th trial is proposed by a sampler seeded with ``derive_seed(seed, "attack", k)`` from the k
-trials finished before it, so a search killed at any moment (even ``kill -9``, which leaves a
-trial RUNNING: it is marked failed on restart and proposed again) ends with the same trials as an
-uninterrupted one.
+the k-th trial is proposed by a sampler seeded with ``derive_seed(seed, "attack", k, i)`` from the k
+trials finished before it (i: the proposals skipped so far), so a search killed at any moment (even
+``kill -9``, which leaves a trial RUNNING: it is marked failed on restart and proposed again) ends
+with the same trials as an uninterrupted one.
+
+Every value of every dimension is checked before any compute. A *combination* of valid values that
+cannot run together (a selection attack asked to choose more examples than it scores) is skipped
+when proposed: told to Optuna as failed, with the reason, and not counted against the budget.
 """
 
 from __future__ import annotations
@@ -55,6 +59,8 @@ from alignshield.seeding import derive_seed
 
 ATTACKS_DIR = Path(__file__).resolve().parent.parent / "resources" / "attacks"
 STUDIES_DIR = "attacks"
+MAX_INVALID = 50
+"""Proposals in a row that cannot run before the search gives up (the space is mostly invalid)."""
 UNDEFENDED = {"align.method": "sft", "finetune.method": "sft", "repair.method": "none"}
 
 
@@ -286,6 +292,7 @@ class Attack:
         import optuna
         from optuna.trial import TrialState
 
+        from alignshield import stages
         from alignshield.experiments.sweep import _store, environment, execute
 
         self.validate()
@@ -311,17 +318,31 @@ class Attack:
                                                                       "reference_utility": ref_utility})
             echo(f"reference {self.spec.utility} = {ref_utility:g}; trials need >= {floor:g}")
             distributions = self.distributions()
-            done = _complete(study)
+            done, invalid = _complete(study), 0
             while len(done) < self.spec.trials:
                 k = len(done)
+                # the proposal's seed counts the finished and the invalid trials, not the killed ones:
+                # a resumed search proposes what the uninterrupted one did
                 legacy = {} if on_trial else {"constraints_func": _constraints}
                 sampler = optuna.samplers.TPESampler(
-                    seed=derive_seed(self.base.config.seed, "attack", k) % 2**32,
+                    seed=derive_seed(self.base.config.seed, "attack", k, _invalid(study)) % 2**32,
                     n_startup_trials=self.spec.startup_trials, **legacy)
                 study = optuna.load_study(study_name=self.study, storage=storage, sampler=sampler)
                 trial = study.ask(distributions)
                 params = self.decode(trial.params)
-                run = self._runs(params)[0]
+                try:  # a combination of valid values that cannot run together (checked before compute)
+                    run = self._runs(params)[0]
+                    stages.validate(run.config)
+                except ConfigError as err:
+                    invalid += 1
+                    if invalid > MAX_INVALID:
+                        raise ConfigError(f"{self.source or 'attack'}: {invalid} proposals in a row cannot run; the "
+                                          f"last: {label(params)}: {err}") from None
+                    trial.set_user_attr("invalid", str(err))
+                    study.tell(trial, state=TrialState.FAIL)
+                    echo(f"[trial {k + 1}/{self.spec.trials}] skipped, cannot run: {label(params)}: {err}")
+                    continue
+                invalid = 0
                 run.position = k
                 echo(f"[trial {k + 1}/{self.spec.trials}] {label(params)}: {run.key}")
                 metrics = execute(run, store, self.study, env).metrics
@@ -390,6 +411,13 @@ def cumulative_max(trials: list[dict[str, float]], floor: float) -> list[float |
 
 def _constraints(trial) -> list[float]:
     return [trial.user_attrs.get("constraint", math.inf)]
+
+
+def _invalid(study) -> int:
+    """Proposals that were valid values but could not run together (told FAIL with a reason)."""
+    from optuna.trial import TrialState
+
+    return sum("invalid" in t.user_attrs for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
 
 
 def _complete(study) -> list:
