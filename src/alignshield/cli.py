@@ -38,12 +38,12 @@ def _guarded(action: Callable[[], None]) -> None:
     from alignshield.data.jsonl import DataError
     from alignshield.evaluate.judges.base import JudgeLoadError
     from alignshield.models.layers import LayerDiscoveryError
-    from alignshield.registry import UnknownNameError
+    from alignshield.registry import PluginError, UnknownNameError
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[_rich_handler()])
     try:
         action()
-    except (ConfigError, DataError, UnknownNameError, JudgeLoadError, LayerDiscoveryError) as err:
+    except (ConfigError, DataError, UnknownNameError, JudgeLoadError, LayerDiscoveryError, PluginError) as err:
         console.print(f"[bold red]error:[/] {err}")
         raise typer.Exit(2) from None
 
