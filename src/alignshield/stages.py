@@ -12,7 +12,6 @@ import gc
 import json
 import logging
 import math
-import os
 import random
 import statistics
 import time
@@ -20,6 +19,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Iterator
 
+from alignshield import dist
 from alignshield.align import ALIGN_METHODS
 from alignshield.config import ConfigError, RunConfig, dump_yaml, stable_hash
 from alignshield.data.collate import Tokenized, tokenize_pair
@@ -230,7 +230,7 @@ def finetune(cfg: RunConfig) -> Path:
         # the model is now the aligned model the fine-tune starts from: a selection attack scores on it
         benign, selection = _benign_examples(model, tokenizer, cfg, task.examples("train"))
         mix = build_mix(benign, load_pool(ft.harmful), ft.n, ft.p, cfg.seed, ft.with_replacement)
-        if _is_main_process():
+        if dist.is_main_process():
             write_jsonl_atomic(work / "mix.jsonl", [{"harmful": h, "prompt": e.prompt, "input": e.input,
                                                      "response": e.response} for e, h in mix])
         if ft.topology == "full":
@@ -305,7 +305,7 @@ def repair(cfg: RunConfig) -> Path:
         report = method().repair(model, calibration, params, seed=cfg.seed, pad_token_id=tokenizer.pad_token_id,
                                  **context)
         report["seconds"] = round(time.perf_counter() - t0, 3)
-        if _is_main_process():
+        if dist.is_main_process():
             model.save_pretrained(work / ADAPTER_DIR)
         _finish_stage(work, cfg, "repair", params, report)
     return out
@@ -370,13 +370,13 @@ def _evaluate_into(work: Path, cfg: RunConfig, final_dir: Path, dirs: dict[str, 
         del model, reference
         _release_memory()
         spent = time.perf_counter() - t0
-        if _is_main_process():
+        if dist.is_main_process():
             write_json_atomic(generated, {"metrics": metrics, "samples": samples, "seconds": spent})
         t0 = time.perf_counter()
     metrics |= judge_samples(samples, cfg)
     metrics = ordered(metrics)
     metrics["seconds"] = round(spent + time.perf_counter() - t0, 2)
-    if _is_main_process():  # DDP: every rank evaluated; rank 0 writes
+    if dist.is_main_process():  # DDP: every rank evaluated; rank 0 writes
         write_jsonl_atomic(work / "samples.jsonl", samples)
         write_json_atomic(work / "stages.json", {k: str(v) for k, v in dirs.items()
                                                  if k != "repair" or REPAIR_METHODS.get(cfg.repair.method).edits})
@@ -400,7 +400,7 @@ def _base(cfg: RunConfig):
 
     if cfg.model.name == EMBEDDED_NAME:
         # DDP: the one-time GGUF -> safetensors conversion renames a cache folder; rank 0 does it alone
-        with _distributed_state().main_process_first() if _is_distributed() else nullcontext():
+        with dist.main_process_first():
             embedded_checkpoint()
     set_seed(cfg.seed)
     return load_model(cfg.model), load_tokenizer(cfg.model)
@@ -453,7 +453,7 @@ def _train(method, model, train_set, cfg: RunConfig, stage: str, params, work: P
 
 
 def _finish_stage(work: Path, cfg: RunConfig, stage: str, params, report: dict[str, Any]) -> None:
-    if not _is_main_process():
+    if not dist.is_main_process():
         return
     write_text_atomic(work / "config.yaml", dump_yaml(cfg))
     info = {"stage": stage, "report": report}
@@ -469,22 +469,6 @@ def _finish_stage(work: Path, cfg: RunConfig, stage: str, params, report: dict[s
 # weights, same data, same result). Only rank 0 writes a stage's files, and the ``.partial`` ->
 # final rename happens once, between barriers: no rank reads a half-written folder, no two ranks
 # race on a rename or a file. In a single process none of this initialises anything.
-
-
-def _is_distributed() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def _distributed_state():
-    import torch
-    from accelerate import PartialState
-
-    # the same device choice as train.Trainer's Accelerator, so the shared state agrees with it
-    return PartialState(cpu=not torch.cuda.is_available())
-
-
-def _is_main_process() -> bool:
-    return not _is_distributed() or _distributed_state().is_main_process
 
 
 _built: list[Path] | None = None
@@ -511,7 +495,7 @@ def _stage_output(out: Path):
     same scratch folder. Under DDP rank 0 holds it for all ranks: every rank gets the same
     ``<out>.partial`` folder (training checkpoints there and resumes from it); rank 0 alone renames it
     to ``out``, after every rank is done with it, and no rank leaves before ``out`` is in place."""
-    state = _distributed_state() if _is_distributed() else None
+    state = dist.state() if dist.is_distributed() else None
     main = state is None or state.is_main_process
     lock = out.parent.parent / ".locks" / out.parent.name / out.name  # <output_dir>/.locks/<stage>/<name>
     with held_lock(lock) if main else nullcontext():

@@ -292,9 +292,12 @@ class Attack:
         import optuna
         from optuna.trial import TrialState
 
-        from alignshield import stages
+        from alignshield import dist, stages
         from alignshield.experiments.sweep import _store, environment, execute
 
+        if dist.is_distributed():
+            raise ConfigError("alignshield attack runs in one process (the study is read and written by one "
+                              "searcher); run it without torchrun / accelerate launch")
         self.validate()
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # constraints_func

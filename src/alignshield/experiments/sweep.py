@@ -33,7 +33,6 @@ import itertools
 import json
 import logging
 import math
-import os
 import platform
 import resource
 import subprocess
@@ -47,6 +46,7 @@ from typing import Any, Callable, Iterable, Iterator
 import yaml
 from pydantic import ValidationError
 
+from alignshield import dist
 from alignshield.config import ConfigError, RunConfig, _deep_merge, _format_validation, _set_dotted, load_config
 from alignshield.experiments.store import ResultStore, RunRecord
 
@@ -380,7 +380,7 @@ def run_sweep(sweep: Sweep, *, keep_going: bool = False, echo: Callable[[str], N
     data-parallel); rank 0 decides what to skip and tells the others, and only rank 0 writes the
     database. Other sweeps may run into the same folder at the same time (see ``restrict``).
     """
-    main = _is_main_process()
+    main = dist.is_main_process()
     echo = echo if (echo and main) else (lambda _msg: None)
     out_dir = sweep.output_dir
     outcome = Outcome()
@@ -435,7 +435,7 @@ def execute(run: Run, store: ResultStore | None, sweep: str, env: dict[str, Any]
     def metrics_on_disk() -> dict[str, Any]:
         return json.loads((run.dirs["evaluate"] / "metrics.json").read_text(encoding="utf-8"))
 
-    if _broadcast(bool(store and store.has_run(run.key) and run.dirs["evaluate"].exists())):
+    if dist.broadcast(bool(store and store.has_run(run.key) and run.dirs["evaluate"].exists())):
         if store:
             store.add_membership(sweep, run.key, run.position, run.swept)
         return Executed(metrics_on_disk(), None, None)
@@ -446,7 +446,7 @@ def execute(run: Run, store: ResultStore | None, sweep: str, env: dict[str, Any]
         metrics = stages.run(run.config)
     wall = time.perf_counter() - t0
     computed = [s for s, d in run.dirs.items() if d in built]
-    if not computed and _broadcast(bool(store and store.has_run(run.key))):
+    if not computed and dist.broadcast(bool(store and store.has_run(run.key))):
         # a concurrent sweep finished and recorded this run while this one waited for it
         if store:
             store.add_membership(sweep, run.key, run.position, run.swept)
@@ -458,7 +458,7 @@ def execute(run: Run, store: ResultStore | None, sweep: str, env: dict[str, Any]
             seed=run.config.seed, stage_dirs={s: str(d) for s, d in run.dirs.items()},
             computed=computed, versions=env["versions"], git_revision=env["git_revision"],
             wall_seconds=round(wall, 3), peak_rss_mb=rss, peak_rss_scope=scope, peak_gpu_mb=gpu,
-            world_size=_world_size(), host=env["host"], dtype=run.config.model.dtype,
+            world_size=dist.world_size(), host=env["host"], dtype=run.config.model.dtype,
             verdicts=_verdicts(run.dirs["evaluate"], run.config.evaluate.harmful.start),
         )
         store.record_run(record, metrics, sweep=sweep, position=run.position)
@@ -505,26 +505,6 @@ def _open_readonly(output_dir: Path) -> ResultStore | None:
 
 
 # ------------------------------------------------------------------------- processes (DDP)
-
-
-def _world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def _is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def _broadcast(value: bool) -> bool:
-    """Rank 0's decision, on every rank (a no-op in a single process)."""
-    if _world_size() == 1:
-        return value
-    import torch
-    from accelerate import PartialState
-    from accelerate.utils import broadcast_object_list
-
-    PartialState(cpu=not torch.cuda.is_available())
-    return broadcast_object_list([value], from_process=0)[0]
 
 
 # ------------------------------------------------------------------------- run metadata
