@@ -1,5 +1,3 @@
-import torch
-
 from alignshield.data import Example
 from alignshield.data.collate import IGNORE_INDEX, PadCollator, tokenize_pair
 from alignshield.data.templates import render_prompt

@@ -20,7 +20,8 @@ from alignshield.data.collate import tokenize_pair
 from alignshield.models.lora import attach_lora
 from alignshield.repair import REPAIR_METHODS
 from alignshield.repair.antidote import AntidoteParams, antidote_scores, collect_input_stats
-from alignshield.repair.prune import PruneParams, find_targets, per_row_k, zero_top_k_per_row
+from alignshield.models.lora import find_targets
+from alignshield.repair.prune import PruneParams, per_row_k, zero_top_k_per_row
 from conftest import make_model, tiny_config
 
 PRUNED = ("q_proj", "k_proj", "v_proj")

@@ -9,7 +9,7 @@ from torch import nn
 
 from alignshield.align.tvaccine import TVaccineParams, TVaccineTrainer
 from alignshield.align.vaccine import RandomVaccineTrainer, VaccineParams, VaccineTrainer
-from alignshield.config import LoraSettings, ModelConfig, TrainSettings
+from alignshield.config import LoraSettings, TrainSettings
 from alignshield.data import Example
 from alignshield.data.collate import PadCollator, tokenize_pair
 from alignshield.models.layers import LayerDiscoveryError, discover

@@ -20,7 +20,7 @@ import torch
 from pydantic import Field
 
 from alignshield.align import ALIGN_METHODS
-from alignshield.align.repnoise import HarmfulBatches
+from alignshield.align._harmful import HarmfulBatches, restored
 from alignshield.config import MethodParams
 
 NORM_EPS = 1e-7
@@ -47,16 +47,11 @@ class BoosterTrainer(HarmfulBatches):
         _, g_h = self.loss_gradient(harmful)
         # at least float32 (bf16 would lose the norm), float64 kept as is
         norm = torch.sqrt(sum(g.to(torch.promote_types(g.dtype, torch.float32)).pow(2).sum() for g in g_h))
-        saved = [p.detach().clone() for p in params]
-        try:
+        with restored(params):
             with torch.no_grad():
                 for p, g in zip(params, g_h):
                     p.sub_((self.params.alpha / (norm + NORM_EPS)) * g.to(p.dtype))
             _, g_shift = self.loss_gradient(harmful)
-        finally:
-            with torch.no_grad():
-                for p, s in zip(params, saved):
-                    p.copy_(s)
         return [self.params.lamb * (a - b) for a, b in zip(g_h, g_shift)]
 
     def method_step(self, batch):

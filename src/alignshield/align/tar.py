@@ -20,7 +20,8 @@ import torch
 from pydantic import Field
 
 from alignshield.align import ALIGN_METHODS
-from alignshield.align.repnoise import IGNORE_INDEX, HarmfulBatches
+from alignshield.align._harmful import HarmfulBatches, restored
+from alignshield.data.collate import IGNORE_INDEX
 from alignshield.config import MethodParams
 
 
@@ -56,8 +57,7 @@ class TARTrainer(HarmfulBatches):
         """lambda * grad L_TR at the attacked weights; the weights are left exactly as found."""
         p = self.params
         params = self.params_with_grad()
-        saved = [q.detach().clone() for q in params]
-        try:
+        with restored(params):
             for k in range(p.inner_steps):
                 _, g = self.loss_gradient(self.harmful_batch(salt=k + 1))
                 with torch.no_grad():
@@ -69,10 +69,6 @@ class TARTrainer(HarmfulBatches):
                 tr = negative_entropy(logits, probe["labels"])
                 grads = torch.autograd.grad(tr, params, allow_unused=True)
             self.last_tr_loss = tr.item()
-        finally:
-            with torch.no_grad():
-                for q, s in zip(params, saved):
-                    q.copy_(s)
         return [p.tr_weight * (torch.zeros_like(q) if g is None else g) for q, g in zip(params, grads)]
 
     def method_step(self, batch):

@@ -30,7 +30,6 @@ so the masks are the same.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Literal
 
@@ -39,9 +38,9 @@ from pydantic import Field
 from torch import nn
 
 from alignshield.data.collate import PadCollator, Tokenized
+from alignshield.models.lora import LoraTarget, check_mergeable, lora_delta, store_dense_delta
 from alignshield.repair import REPAIR_METHODS
 from alignshield.repair.prune import (
-    LoraTarget,
     PruneParams,
     matrix_entry,
     per_row_k,
@@ -168,13 +167,6 @@ def wanda_score(weight: torch.Tensor, mean_sq: torch.Tensor) -> torch.Tensor:
     return weight.detach().double().abs() * mean_sq.to(weight.device).sqrt().unsqueeze(0)
 
 
-def lora_delta(target: LoraTarget) -> torch.Tensor:
-    """scale * B @ A in float64 (out x in, in the nn.Linear sense)."""
-    a = target.factor("lora_A").weight.detach().double()
-    b = target.factor("lora_B").weight.detach().double()
-    return target.scaling * (b @ a)
-
-
 def antidote_scores(model: nn.Module, targets: list[LoraTarget], calibration: list[Tokenized], score: str,
                     batch_size: int, pad_token_id: int) -> tuple[dict[tuple[str, str], torch.Tensor], int]:
     """Wanda scores keyed (module name, ``lora_A`` | ``lora_B`` | ``delta``), and the token count."""
@@ -194,53 +186,6 @@ def antidote_scores(model: nn.Module, targets: list[LoraTarget], calibration: li
 
 
 # ----------------------------------------------------------------------------- merged mode storage
-
-
-def check_mergeable(targets: list[LoraTarget]) -> None:
-    for t in targets:
-        m, a = t.module, t.adapter
-        if a in getattr(m, "lora_variant", {}) or m.use_dora.get(a, False):
-            raise ValueError(f"{t.name}: score=merged supports plain LoRA only (this adapter is a LoRA variant "
-                             f"such as DoRA); use score=factors")
-        if m.lora_bias.get(a, False):
-            raise ValueError(f"{t.name}: score=merged does not support lora_bias; use score=factors")
-
-
-def store_dense_delta(model: nn.Module, target: LoraTarget, delta: torch.Tensor) -> int:
-    """Replace the target's LoRA factors by an exact factorisation of ``delta``; returns its rank.
-
-    rank = min(out, in); the factor on the short side is the identity, the other holds ``delta``, and
-    lora_alpha is chosen so the scale is exactly 1. The per-module rank and alpha go first into the
-    adapter config's ``rank_pattern``/``alpha_pattern`` (keyed by the full module name, ahead of any
-    user pattern so none shadows them), which is what PEFT reads when the saved adapter is loaded.
-    """
-    m, adapter = target.module, target.adapter
-    config = getattr(model, "peft_config", {}).get(adapter)
-    if config is None:
-        raise ValueError("score=merged needs a PeftModel (its adapter config records the new ranks)")
-    out_f, in_f = delta.shape
-    rank = min(out_f, in_f)
-    # the layer records rslora per adapter (peft >= 0.15); older peft keeps it in the adapter config only
-    rslora = bool(getattr(m, "use_rslora", {}).get(adapter, config.use_rslora))
-    lora_alpha = math.sqrt(rank) if rslora else float(rank)
-    scaling = lora_alpha / math.sqrt(rank) if rslora else lora_alpha / rank
-    old_a = target.factor("lora_A").weight
-    dtype, device = old_a.dtype, old_a.device
-    eye = torch.eye(rank, dtype=torch.float64)
-    a_w, b_w = (delta / scaling, eye) if out_f <= in_f else (eye, delta / scaling)
-    new_a = nn.Linear(in_f, rank, bias=False, dtype=dtype, device=device)
-    new_b = nn.Linear(rank, out_f, bias=False, dtype=dtype, device=device)
-    with torch.no_grad():
-        new_a.weight.copy_(a_w)
-        new_b.weight.copy_(b_w)
-    new_a.weight.requires_grad_(old_a.requires_grad)
-    new_b.weight.requires_grad_(old_a.requires_grad)
-    m.lora_A[adapter], m.lora_B[adapter] = new_a, new_b
-    m.r[adapter], m.lora_alpha[adapter], m.scaling[adapter] = rank, lora_alpha, scaling
-    key = target.name  # unescaped: PEFT also falls back to an exact-key lookup (older versions need it)
-    config.rank_pattern = {key: rank, **{k: v for k, v in config.rank_pattern.items() if k != key}}
-    config.alpha_pattern = {key: lora_alpha, **{k: v for k, v in config.alpha_pattern.items() if k != key}}
-    return rank
 
 
 def prune_merged(model: nn.Module, targets: list[LoraTarget], alpha: float,

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Callable, Literal
 
@@ -46,6 +45,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from alignshield.config import MethodParams
+from alignshield.models.lora import LoraTarget, find_targets
 from alignshield.repair import REPAIR_METHODS
 from alignshield.seeding import generator
 
@@ -147,72 +147,6 @@ def zero_top_k_per_row(weight: torch.Tensor, score: torch.Tensor, k: int,
 
 
 # ----------------------------------------------------------------------------- the adapter's modules
-
-
-@dataclass
-class LoraTarget:
-    """One targeted LoRA-wrapped linear layer of the fine-tune adapter."""
-
-    name: str
-    """Qualified name inside the underlying transformers model (what PEFT's ``rank_pattern`` keys on)."""
-    module: nn.Module
-    adapter: str
-
-    def factor(self, which: str) -> nn.Linear:
-        return getattr(self.module, which)[self.adapter]
-
-    @property
-    def scaling(self) -> float:
-        return float(self.module.scaling[self.adapter])
-
-
-def active_adapter(model: nn.Module) -> str:
-    names = list(getattr(model, "active_adapters", None) or [])
-    if not names:
-        from peft.tuners.lora import LoraLayer
-
-        names = sorted({a for m in model.modules() if isinstance(m, LoraLayer) for a in m.active_adapters})
-    if len(names) != 1:
-        raise ValueError(f"expected exactly one active LoRA adapter (the fine-tune's), found {names or 'none'}")
-    return names[0]
-
-
-def find_targets(model: nn.Module, target_modules: list[str] | None) -> tuple[list[LoraTarget], list[str]]:
-    """The LoRA linears whose name contains one of ``target_modules`` (``None``: every LoRA linear of
-    the adapter), and the targets matching none.
-
-    Raises ValueError naming the modules the adapter does have when nothing matches.
-    """
-    from peft.tuners.lora import LoraLayer
-
-    adapter = active_adapter(model)
-    root = model.get_base_model() if hasattr(model, "get_base_model") else model
-    lora = [(n, m) for n, m in root.named_modules() if isinstance(m, LoraLayer) and adapter in m.lora_A]
-    if not lora:
-        raise ValueError(f"the model carries no LoRA layers for adapter {adapter!r}: nothing to repair")
-    if target_modules is None:
-        chosen = lora
-        target_modules = []
-    else:
-        chosen = [(n, m) for n, m in lora if any(t in n for t in target_modules)]
-    if not chosen:
-        has = sorted({n.rsplit(".", 1)[-1] for n, _ in lora})
-        raise ValueError(
-            f"target_modules {target_modules} match none of the fine-tune adapter's LoRA modules; the adapter "
-            f"has LoRA on: {', '.join(has)}. Set repair.params.target_modules to some of these."
-        )
-    unmatched = [t for t in target_modules if not any(t in n for n, _ in chosen)]
-    targets = []
-    for name, module in chosen:
-        if not isinstance(module.lora_A[adapter], nn.Linear):
-            raise ValueError(f"{name}: only LoRA on linear layers can be pruned, got {type(module).__name__}")
-        if adapter in module.merged_adapters:
-            raise ValueError(f"{name}: adapter {adapter!r} is merged into the base weights; load it unmerged")
-        targets.append(LoraTarget(name, module, adapter))
-    if unmatched:
-        log.warning("repair: target_modules %s match no LoRA module of the adapter; pruning %d modules of %s",
-                    unmatched, len(targets), sorted({t.name.rsplit('.', 1)[-1] for t in targets}))
-    return targets, unmatched
 
 
 def select_targets(model: nn.Module, params: PruneParams) -> tuple[list[LoraTarget], dict[str, Any]]:
