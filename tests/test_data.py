@@ -102,3 +102,66 @@ def test_one_normaliser_and_the_shipped_pools_are_disjoint_under_it():
             ("align.data.safety", cfg.align.data.safety), ("align.data.harmful", cfg.align.data.harmful),
             ("finetune.harmful", cfg.finetune.harmful), ("repair.calibration", cfg.repair.calibration),
             ("evaluate.harmful", cfg.evaluate.harmful))})
+
+
+# ------------------------------------------------------------------ Hub datasets (hf:ORG/NAME[:SPLIT])
+
+
+def _fake_datasets(monkeypatch, rows=None, error=None):
+    import sys
+    import types
+
+    calls = []
+
+    def load_dataset(name, split=None, revision=None):
+        calls.append((name, split, revision))
+        if error:
+            raise error
+        return rows
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    from alignshield.data import pools
+
+    pools._rows.cache_clear()
+    return calls
+
+
+def test_a_pool_reads_a_hub_dataset_with_a_field_mapping(monkeypatch):
+    from alignshield.config import Pool
+    from alignshield.data.pools import Example, load_pool
+
+    rows = [{"question": f"q{i}", "answer": f"a{i}"} for i in range(5)]
+    calls = _fake_datasets(monkeypatch, rows)
+    pool = Pool(dataset="hf:org/harm:test@abc123", start=1, stop=3, fields={"prompt": "question", "response": "answer"})
+    assert load_pool(pool) == [Example("q1", "", "a1"), Example("q2", "", "a2")]
+    assert calls == [("org/harm", "test", "abc123")]
+    _fake_datasets(monkeypatch, rows)
+    load_pool(Pool(dataset="hf:org/harm", fields={"prompt": "question"}))
+
+
+@pytest.mark.parametrize("dataset, rows, error, message", [
+    ("hf:org/harm", None, ConnectionError("no route to host"), "cannot load org/harm.*no route to host.*local JSONL"),
+    ("hf:org/harm", [{"question": "q"}, {"text": "x"}], None, r"hf:org/harm row 1: missing field 'question'"),
+    ("hf:", None, None, "hf:ORG/NAME"),
+])
+def test_hub_dataset_errors_are_clear(monkeypatch, dataset, rows, error, message):
+    from alignshield.config import Pool
+    from alignshield.data.jsonl import DataError
+    from alignshield.data.pools import load_pool
+
+    _fake_datasets(monkeypatch, rows, error)
+    with pytest.raises(DataError, match=message):
+        load_pool(Pool(dataset=dataset, fields={"prompt": "question"}))
+
+
+def test_hub_datasets_without_the_package_say_what_to_install(monkeypatch):
+    import sys
+
+    from alignshield.config import Pool
+    from alignshield.data import pools
+    from alignshield.data.jsonl import DataError
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import fails
+    pools._rows.cache_clear()
+    with pytest.raises(DataError, match=r"pip install 'alignshield\[hub\]'"):
+        pools.load_pool(Pool(dataset="hf:org/harm"))

@@ -16,14 +16,20 @@ def read_rows(path: str | Path, required: tuple[str, ...] = ()) -> list[dict]:
     if not path.exists():
         raise DataError(f"{path}: no such data file")
     rows = _read_csv(path) if path.suffix.lower() == ".csv" else _read_jsonl(path)
+    return check_rows(rows, required, str(path), ":")
+
+
+def check_rows(rows: list[tuple[int, dict]], required: tuple[str, ...], where: str, sep: str) -> list[dict]:
+    """The rows, once every one has each ``required`` field as text; errors name ``where``, the line
+    (or row) number and the field."""
     for line, row in rows:
         for field in required:
             if field not in row:
-                raise DataError(f"{path}:{line}: missing field {field!r} (has: {', '.join(row) or 'nothing'})")
+                raise DataError(f"{where}{sep}{line}: missing field {field!r} (has: {', '.join(row) or 'nothing'})")
             if not isinstance(row[field], (str, int, float)):
-                raise DataError(f"{path}:{line}: field {field!r} must be text, got {type(row[field]).__name__}")
+                raise DataError(f"{where}{sep}{line}: field {field!r} must be text, got {type(row[field]).__name__}")
     if not rows:
-        raise DataError(f"{path}: the data file is empty")
+        raise DataError(f"{where}: the data file is empty")
     return [row for _, row in rows]
 
 

@@ -1,8 +1,9 @@
 """Datasets by name, pools as row slices of them, and the prompt-disjointness guard.
 
 Every dataset reduces to ``Example(prompt, input, response)``. Bundled files live in
-``resources/data`` (see its LICENSES.md); a pool's ``dataset`` may also be a JSONL/CSV path, with
-``fields`` mapping the roles to its columns.
+``resources/data`` (see its LICENSES.md); a pool's ``dataset`` may also be a JSONL/CSV path, or a
+Hugging Face Hub dataset ``hf:ORG/NAME[:SPLIT][@REVISION]`` (loaded with ``datasets``, which needs the
+network the first time), with ``fields`` mapping the roles to its columns.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from alignshield.config import Pool
-from alignshield.data.jsonl import DataError, read_rows
+from alignshield.data.jsonl import DataError, check_rows, read_rows
 from alignshield.registry import Registry
 
 RESOURCES = Path(__file__).resolve().parent.parent / "resources" / "data"
@@ -68,7 +69,7 @@ def load_pool(pool: Pool) -> list[Example]:
 def _rows(dataset: str, fields: tuple[tuple[str, str], ...]) -> tuple[list[Example], Dataset]:
     spec = _dataset_spec(dataset, dict(fields))
     required = tuple(f for f in (spec.prompt, spec.input, spec.response) if f)
-    rows = read_rows(spec.path, required)
+    rows = hub_rows(dataset, required) if dataset.startswith(HUB_PREFIX) else read_rows(spec.path, required)
     examples = [
         Example(
             prompt=str(r[spec.prompt]),
@@ -88,10 +89,42 @@ def _dataset_spec(dataset: str, fields: dict[str, str]) -> Dataset:
         spec = DATASETS.get(dataset)
         return Dataset(spec.path, fields.get("prompt", spec.prompt), fields.get("input", spec.input),
                        fields.get("response", spec.response), spec.description)
+    if dataset.startswith(HUB_PREFIX):
+        return Dataset(Path(dataset), fields.get("prompt", "prompt"), fields.get("input"), fields.get("response"))
     if Path(dataset).suffix.lower() in {".jsonl", ".json", ".csv"}:
         return Dataset(Path(dataset), fields.get("prompt", "prompt"), fields.get("input"), fields.get("response"))
     DATASETS.get(dataset)  # raises with the known names and a suggestion
     raise AssertionError("unreachable")
+
+
+HUB_PREFIX = "hf:"
+
+
+def parse_hub(dataset: str) -> tuple[str, str, str | None]:
+    """``hf:ORG/NAME[:SPLIT][@REVISION]`` -> (name, split, revision); the split defaults to ``train``."""
+    body, _, revision = dataset[len(HUB_PREFIX):].partition("@")
+    name, _, split = body.partition(":")
+    if not name or name.count("/") > 1:
+        raise DataError(f"{dataset!r}: a Hub dataset is written hf:ORG/NAME[:SPLIT][@REVISION], e.g. "
+                        "hf:PKU-Alignment/BeaverTails:30k_test")
+    return name, split or "train", revision or None
+
+
+def hub_rows(dataset: str, required: tuple[str, ...]) -> list[dict]:
+    """The rows of a Hub dataset split, checked like a file's (errors name the dataset, row and field)."""
+    name, split, revision = parse_hub(dataset)
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{dataset}: Hub datasets need the datasets package: pip install 'alignshield[hub]'") from None
+    try:
+        loaded = datasets.load_dataset(name, split=split, revision=revision)
+    except Exception as err:  # noqa: BLE001 -- offline, unknown name, unknown split: one clear message
+        raise DataError(f"{dataset}: cannot load {name} (split {split}{f', revision {revision}' if revision else ''}) "
+                        f"from the Hugging Face Hub: {type(err).__name__}: {err}. Without network access use a "
+                        "bundled dataset or a local JSONL/CSV file (datasets caches what it downloaded once; "
+                        "HF_DATASETS_OFFLINE=1 reads that cache)") from None
+    return check_rows([(i, dict(row)) for i, row in enumerate(loaded)], required, dataset, " row ")
 
 
 NORMALIZATION = ("lower-case (str.lower); delete every punctuation character (Unicode category P* and ASCII "

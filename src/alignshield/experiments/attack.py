@@ -343,11 +343,11 @@ class Attack:
                                           f"last: {label(params)}: {err}") from None
                     trial.set_user_attr("invalid", str(err))
                     study.tell(trial, state=TrialState.FAIL)
-                    echo(f"[trial {k + 1}/{self.spec.trials}] skipped, cannot run: {label(params)}: {err}")
+                    echo(f"trial {k + 1}/{self.spec.trials}: skipped, cannot run: {label(params)}: {err}")
                     continue
                 invalid = 0
                 run.position = k
-                echo(f"[trial {k + 1}/{self.spec.trials}] {label(params)}: {run.key}")
+                echo(f"trial {k + 1}/{self.spec.trials}: {label(params)}: {run.key}")
                 metrics = execute(run, store, self.study, env).metrics
                 hs, fa = _metric(metrics, self.objective, run.key), _metric(metrics, self.spec.utility, run.key)
                 trial.set_user_attr("run_key", run.key)
@@ -356,7 +356,7 @@ class Attack:
                 if on_trial:
                     trial.set_constraint("utility", floor - fa)
                 study.tell(trial, hs)
-                echo(f"[trial {k + 1}/{self.spec.trials}] {self.objective}={hs:g} {self.spec.utility}={fa:g}"
+                echo(f"trial {k + 1}/{self.spec.trials}: {self.objective}={hs:g} {self.spec.utility}={fa:g}"
                      f"{'' if fa >= floor else ' (over the utility budget)'}")
                 done = _complete(study)
         return self.result(done, ref.key, ref_utility, floor)
