@@ -302,6 +302,15 @@ class EvaluateConfig(Strict):
         return names
 
 
+class TrackingConfig(Strict):
+    backends: list[str] = []
+    """Experiment trackers to mirror each stage into, by accelerate's names: ``tensorboard``,
+    ``wandb``, ``mlflow``, ``comet_ml``, ``aim``, ``clearml``, ``dvclive``, ``trackio``. Empty: none.
+    Never part of a stage's key (tracking.py)."""
+    dir: str | None = None
+    """Where trackers that write files put them; default ``<output_dir>/tracking``."""
+
+
 class RunConfig(Strict):
     seed: int = 42
     """Seed of every random stream (data mix, shuffling, LoRA init, methods' noise); part of every stage's key."""
@@ -319,6 +328,9 @@ class RunConfig(Strict):
     """Stage 3: post-fine-tune repair of the adapter."""
     evaluate: EvaluateConfig = EvaluateConfig()
     """Stage 4: harmful score and fine-tune accuracy."""
+    tracking: TrackingConfig = TrackingConfig()
+    """Experiment trackers (TensorBoard, W&B, MLflow, ...) that mirror each stage; results.sqlite stays
+    the source of truth."""
 
 
 def stable_hash(*parts: Any) -> str:

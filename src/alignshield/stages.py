@@ -19,7 +19,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Iterator
 
-from alignshield import dist
+from alignshield import dist, tracking
 from alignshield.align import ALIGN_METHODS
 from alignshield.config import ConfigError, RunConfig, dump_yaml, stable_hash
 from alignshield.data.collate import Tokenized, tokenize_pair
@@ -305,6 +305,8 @@ def repair(cfg: RunConfig) -> Path:
         report = method().repair(model, calibration, params, seed=cfg.seed, pad_token_id=tokenizer.pad_token_id,
                                  **context)
         report["seconds"] = round(time.perf_counter() - t0, 3)
+        with tracking.logger(tracking.for_stage(cfg, "repair", out)) as log_to:
+            log_to(report)
         if dist.is_main_process():
             model.save_pretrained(work / ADAPTER_DIR)
         _finish_stage(work, cfg, "repair", params, report)
@@ -382,6 +384,8 @@ def _evaluate_into(work: Path, cfg: RunConfig, final_dir: Path, dirs: dict[str, 
                                                  if k != "repair" or REPAIR_METHODS.get(cfg.repair.method).edits})
         _finish_stage(work, cfg, "evaluate", None, {})
         write_json_atomic(work / "metrics.json", metrics)
+        with tracking.logger(tracking.for_stage(cfg, "evaluate", dirs["evaluate"])) as log_to:
+            log_to(metrics)
         generated.unlink()
 
 
@@ -443,7 +447,8 @@ def _train(method, model, train_set, cfg: RunConfig, stage: str, params, work: P
            extra: dict[str, list]) -> dict[str, Any]:
     settings = getattr(cfg, stage).train
     trainer = method(model, train_set, settings, params, seed=cfg.seed, workdir=work,
-                     pad_token_id=tokenizer.pad_token_id, extra_data=extra, model_config=cfg.model)
+                     pad_token_id=tokenizer.pad_token_id, extra_data=extra, model_config=cfg.model,
+                     tracking=tracking.for_stage(cfg, stage, stage_dirs(cfg)[stage]))
     report = trainer.train()
     if trainer.accelerator.is_main_process:
         trained = trainer.unwrapped_model()

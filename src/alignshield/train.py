@@ -211,6 +211,7 @@ class Trainer:
         extra_data: dict[str, list[Tokenized]] | None = None,
         model_config: ModelConfig | None = None,
         progress: bool = True,
+        tracking=None,
     ):
         from accelerate import Accelerator
 
@@ -227,7 +228,9 @@ class Trainer:
         # DDP only (ignored in one process): methods may freeze parameters mid-run (T-Vaccine trains
         # S layers at a time); DDP must then not wait for their gradients, or the next step fails.
         ddp = DistributedDataParallelKwargs(find_unused_parameters=self.ddp_find_unused_parameters)
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])
+        self.tracking = tracking  # tracking.Tracking: experiment trackers mirror the loss log (None: none)
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp],
+                                       **(tracking.accelerator_kwargs() if tracking else {}))
         if self.accelerator.distributed_type == DistributedType.FSDP:
             # Checkpoints and the saved adapter are read from rank 0's parameters, which FSDP shards;
             # refuse rather than write a wrong adapter (docs/scale.md: use DDP or ZeRO-2).
@@ -278,6 +281,10 @@ class Trainer:
     def on_step_start(self) -> None:
         """Called before each optimizer step (``self.step`` steps are done)."""
 
+    def signals(self) -> dict[str, Any]:
+        """The method's own per-step numbers for experiment trackers (e.g. Vaccine's perturbation norm)."""
+        return {}
+
     def method_state(self) -> dict[str, Any]:
         """Extra state a method needs to resume bit for bit (e.g. T-Vaccine's layer scores)."""
         return {}
@@ -325,7 +332,10 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress, desc="train", unit="step")
         batches = self.batches()
         self.model.train()
+        if self.tracking:
+            self.tracking.start(self.accelerator)
         while self.step < self.total_steps:
+            t_step = time.perf_counter()
             self.on_step_start()
             losses = []
             for i in range(self.args.grad_accum):
@@ -340,6 +350,12 @@ class Trainer:
             self.step += 1
             loss = self.accelerator.gather(torch.stack(losses).mean()).mean().item()
             self.history.append({"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0]})
+            if self.tracking:
+                from alignshield.tracking import scalars
+
+                self.accelerator.log(scalars({"loss": loss, "lr": self.history[-1]["lr"],
+                                              "step_seconds": time.perf_counter() - t_step, **self.signals()}),
+                                     step=self.step)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")
             if self.step % self.args.checkpoint_every == 0 and self.step < self.total_steps:
@@ -407,6 +423,8 @@ class Trainer:
 
     def finish(self) -> None:
         """Write the loss log; the checkpoint is no longer needed once the adapter is saved."""
+        if self.tracking:
+            self.accelerator.end_training()
         if self.accelerator.is_main_process:
             with (self.workdir / "train_log.jsonl").open("w", encoding="utf-8") as f:
                 f.writelines(json.dumps(h) + "\n" for h in self.history)

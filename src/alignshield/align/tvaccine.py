@@ -14,7 +14,7 @@ the MLP LoRA that still trains inside a checkpointed layer.
 from __future__ import annotations
 
 import warnings
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.utils.checkpoint
@@ -160,6 +160,10 @@ class TVaccineTrainer(VaccineTrainer):
 
     def perturbed_layers(self) -> list[int]:
         return self.active
+
+    def signals(self) -> dict[str, Any]:
+        return super().signals() | {"tvaccine/active_layers": " ".join(map(str, self.active)),
+                                    "tvaccine/n_active": len(self.active)}
 
     def active_steps_per_layer(self) -> list[int]:
         """How many steps each layer was perturbed and trained, from the draws so far."""

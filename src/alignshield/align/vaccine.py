@@ -99,7 +99,12 @@ class VaccineTrainer(Trainer):
     def training_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         layers = self.perturbed_layers()
         e = {i: t.detach() for i, t in self.perturbation(batch, layers).items()}
+        self.last_norm = float(torch.sqrt(sum(t.float().pow(2).sum().cpu() for t in e.values())))
         return self.perturbed_step(batch, layers, lambda i, h: e[layers[i]].to(h.dtype))
+
+    def signals(self) -> dict[str, float]:
+        """The global norm of the last micro-batch's perturbation (rho, up to float error and padding)."""
+        return {"vaccine/perturbation_norm": self.last_norm} if hasattr(self, "last_norm") else {}
 
     def perturbed_step(self, batch: dict[str, torch.Tensor], layers: list[int],
                        delta: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:

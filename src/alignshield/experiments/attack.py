@@ -210,7 +210,7 @@ class Attack:
         self.base = self._runs({})[0]
         cfg = self.base.config
         self.objective = spec.objective or f"harmful_score/{cfg.evaluate.judges[0]}"
-        identity = {k: v for k, v in cfg.model_dump(mode="json").items() if k != "output_dir"}
+        identity = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in ("output_dir", "tracking")}
         self.study = f"attack-{spec.name}-" + stable_hash(
             identity, {k: (v.model_dump() if isinstance(v, Range) else v) for k, v in spec.space.items()},
             spec.epsilon, spec.startup_trials, self.objective, spec.utility, spec.reference)

@@ -41,7 +41,11 @@ def load_adapter(model: torch.nn.Module, adapter: Path, trainable: bool = False)
 
 
 def is_peft(model: torch.nn.Module) -> bool:
-    return hasattr(model, "peft_config")
+    """A PEFT-wrapped model (an adapter attached). Not ``hasattr(peft_config)``: older transformers/peft
+    leave that attribute on a model whose adapter was merged and unloaded."""
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
 
 
 def merge_adapter(model: torch.nn.Module, adapter: Path) -> torch.nn.Module:
