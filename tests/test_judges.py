@@ -481,8 +481,8 @@ def _qwen3guard_reference(model, tok, answers, strict=False):
                                        tokenize=False, add_generation_prompt=True)
         enc = tok(text, return_tensors="pt", add_special_tokens=False)
         with torch.no_grad():
-            out = model.generate(**enc, max_new_tokens=32, do_sample=False, pad_token_id=tok.pad_token_id,
-                                 eos_token_id=tok.eos_token_id)
+            out = model.generate(input_ids=enc.input_ids, attention_mask=enc.attention_mask, max_new_tokens=32,
+                                 do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
         match = re.search(r"Safety: (Safe|Unsafe|Controversial)", tok.decode(out[0, enc.input_ids.shape[1]:],
                                                                            skip_special_tokens=True))
         label = match.group(1) if match else None

