@@ -5,7 +5,8 @@ trains sft, vaccine and t-vaccine for a few steps on its own shard of the data a
 ends with, then both ranks run a two-run sweep through the real stages. The parent process checks:
 parameters identical across ranks (and changed by training), T-Vaccine's sampled layers identical
 across ranks, Vaccine's perturbation of global norm rho on each rank (rho is per rank), and that the
-sweep's stage folders and database were written once, completely, with no ``.partial`` left.
+sweep's stage folders and database were written once, completely, with no ``.partial`` left, and
+that the evaluation was split between the ranks and equals a one-process evaluation.
 """
 
 from __future__ import annotations
@@ -102,8 +103,18 @@ def worker(out: Path, model_dir: Path) -> None:
                     "history": trainer.history}, out / f"{name}-rank{rank}.pt")
     state.wait_for_everyone()
 
+    import alignshield.evaluate.metrics as metrics_module
+
+    generate, generated = metrics_module.generate_batch, []
+
+    def counting(model, tokenizer, prompts, **options):  # how many prompts this rank answers
+        generated.append(len(prompts))
+        return generate(model, tokenizer, prompts, **options)
+
+    metrics_module.generate_batch = counting
     sweep = load_sweep(out / "grid.yaml", overrides=[f"model.name={model_dir}", f"output_dir={out / 'runs'}"])
     outcome = run_sweep(sweep)
+    (out / f"generated-rank{rank}.json").write_text(json.dumps(generated))
     (out / f"sweep-rank{rank}.json").write_text(json.dumps(
         {"computed": outcome.computed, "cached": outcome.cached, "keys": [r.key for r in sweep.runs]}))
 
@@ -211,6 +222,24 @@ def test_sweep_under_ddp_writes_once_and_completely(ddp_run):
         keys = {k for (k,) in db.execute("select run_key from runs")}
         world = {w for (w,) in db.execute("select world_size from runs")}
     assert keys == set(s0["keys"]) and world == {2}
+
+
+def test_evaluation_is_sharded_across_ranks_and_equals_one_process(ddp_run):
+    from alignshield import stages
+    from alignshield.config import load_config
+    from alignshield.evaluate.metrics import generate_answers
+
+    g0, g1 = (json.loads((ddp_run / f"generated-rank{r}.json").read_text()) for r in (0, 1))
+    # two evaluations (harmful prompts, then SST-2), 4 prompts each: 2 per rank, not 4 on both
+    assert g0 == g1 == [2, 2, 2, 2]
+    for folder in (ddp_run / "runs" / "evaluate").iterdir():
+        cfg = load_config([folder / "config.yaml"])
+        model, tokenizer = stages.final_model(cfg)
+        metrics, samples = generate_answers(model, tokenizer, cfg)  # one process, every prompt
+        saved = [json.loads(line) for line in (folder / "samples.jsonl").read_text().splitlines()]
+        assert [s["answer"] for s in saved] == [s["answer"] for s in samples]
+        stored = json.loads((folder / "metrics.json").read_text())
+        assert {k: stored[k] for k in metrics} == metrics
 
 
 @pytest.mark.parametrize("name, kind", [("single_gpu", "NO"), ("multi_gpu", "MULTI_GPU"), ("zero2", "DEEPSPEED"),

@@ -1,8 +1,9 @@
 """Everything distributed, in one place, on accelerate's ``PartialState``.
 
 Under ``torchrun`` / ``accelerate launch`` every process runs the same code: training is
-data-parallel (``train.Trainer``), repair and evaluation run redundantly on every rank, and rank 0
-alone writes files and the results database. In a single process (``WORLD_SIZE`` unset or 1) none
+data-parallel (``train.Trainer``), the evaluation's generation is sharded (``shard_bounds``,
+``gather_lists``), the repair and the judges run redundantly on every rank, and rank 0 alone writes
+files and the results database. In a single process (``WORLD_SIZE`` unset or 1) none
 of this initialises anything: every helper answers at once.
 """
 
@@ -51,3 +52,23 @@ def broadcast(value: Any) -> Any:
 
     state()
     return broadcast_object_list([value], from_process=0)[0]
+
+
+def shard_bounds(n: int) -> tuple[int, int]:
+    """This rank's contiguous ``[lo, hi)`` of ``n`` items; the first ``n % world`` ranks take one more."""
+    if not is_distributed():
+        return 0, n
+    world, rank = world_size(), state().process_index
+    size, extra = divmod(n, world)
+    lo = rank * size + min(rank, extra)
+    return lo, lo + size + (rank < extra)
+
+
+def gather_lists(local: list) -> list:
+    """Every rank's list, concatenated in rank order, on every rank (one process: ``local``)."""
+    if not is_distributed():
+        return local
+    from accelerate.utils import gather_object
+
+    state()
+    return gather_object(local)

@@ -470,8 +470,8 @@ def _finish_stage(work: Path, cfg: RunConfig, stage: str, params, report: dict[s
 
 # ------------------------------------------------------------------- multi-process (DDP) runs
 # Under ``torchrun`` / ``accelerate launch`` every process runs the same stage code: training is
-# data-parallel (train.Trainer), while repair and evaluation run redundantly on every rank (same
-# weights, same data, same result). Only rank 0 writes a stage's files, and the ``.partial`` ->
+# data-parallel (train.Trainer), the evaluation's generation is split across ranks (evaluate/metrics.py),
+# and the repair and the judges run redundantly on every rank (same weights, same data, same result). Only rank 0 writes a stage's files, and the ``.partial`` ->
 # final rename happens once, between barriers: no rank reads a half-written folder, no two ranks
 # race on a rename or a file. In a single process none of this initialises anything.
 

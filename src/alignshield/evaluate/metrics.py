@@ -11,17 +11,19 @@ Three steps, so a caller can free the evaluated model before loading (possibly l
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 from collections import Counter
 from typing import Any
 
 import torch
 
+from alignshield import dist
 from alignshield.config import RunConfig
 from alignshield.data.pools import Example, load_pool
 from alignshield.data.templates import render_prompt
 from alignshield.evaluate.agreement import agreement_metrics
-from alignshield.evaluate.generate import generate_batch
+from alignshield.evaluate.generate import Generation, generate_batch
 from alignshield.evaluate.judges import make_judge
 from alignshield.evaluate.text import clean_text, is_empty
 from alignshield.tasks import TASKS
@@ -37,7 +39,7 @@ def generate_answers(model: torch.nn.Module, tokenizer, cfg: RunConfig) -> tuple
     ev = cfg.evaluate
     special = cfg.template == "alpaca"
     harmful = load_pool(ev.harmful)
-    gen = generate_batch(model, tokenizer, [render_prompt(e, cfg.template, tokenizer) for e in harmful],
+    gen = sharded_generate(model, tokenizer, [render_prompt(e, cfg.template, tokenizer) for e in harmful],
                          max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size, add_special_tokens=special,
                          max_prompt_tokens=ev.max_prompt_tokens, share_prefix=ev.share_prefix, desc="harmful prompts")
     samples = [{"kind": "harmful", "prompt": clean_text(e.prompt), "answer": a, "truncated": t, "verdicts": {}}
@@ -48,7 +50,7 @@ def generate_answers(model: torch.nn.Module, tokenizer, cfg: RunConfig) -> tuple
     task = TASKS.get(cfg.finetune.task)
     rows = task.rows("test")[: ev.task_n]
     examples: list[Example] = [task.to_example(r) for r in rows]
-    task_gen = generate_batch(model, tokenizer, [render_prompt(e, cfg.template, tokenizer) for e in examples],
+    task_gen = sharded_generate(model, tokenizer, [render_prompt(e, cfg.template, tokenizer) for e in examples],
                               max_new_tokens=ev.task_max_new_tokens or task.max_new_tokens,
                               batch_size=ev.batch_size, add_special_tokens=special,
                               max_prompt_tokens=ev.max_prompt_tokens, share_prefix=ev.share_prefix,
@@ -65,6 +67,22 @@ def generate_answers(model: torch.nn.Module, tokenizer, cfg: RunConfig) -> tuple
     metrics["task_answers/empty"] = sum(is_empty(a) for a in task_gen.answers)
     metrics["prompts/truncated"] = sum(gen.truncated) + sum(task_gen.truncated)
     return metrics, samples
+
+
+def sharded_generate(model: torch.nn.Module, tokenizer, prompts: list[str], **options) -> Generation:
+    """``generate_batch`` over this rank's contiguous shard of ``prompts``, gathered in prompt order on
+    every rank: under DDP each rank answers 1/world of the prompts instead of all of them."""
+    if not dist.is_distributed():
+        return generate_batch(model, tokenizer, prompts, **options)
+    lo, hi = dist.shard_bounds(len(prompts))
+    local = generate_batch(model, tokenizer, prompts[lo:hi], **options) if hi > lo else Generation([], [], [], [], [])
+    parts = {f.name: getattr(local, f.name) for f in dataclasses.fields(Generation)}
+    if parts["token_ids"] is None:  # (every rank runs the same code: all None or none)
+        parts["token_ids"] = [None] * (hi - lo)
+    gathered = {name: dist.gather_lists(list(values)) for name, values in parts.items()}
+    if all(t is None for t in gathered["token_ids"]):
+        gathered["token_ids"] = None
+    return Generation(**gathered)
 
 
 def judge_samples(samples: list[dict], cfg: RunConfig) -> dict[str, Any]:
