@@ -360,12 +360,7 @@ def load_config(
         files = [path, *files]
     for f in files:
         path = Path(f)
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError) as err:
-            raise ConfigError(f"{path}: cannot read config: {err}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: a config file must hold a mapping at top level")
+        loaded = read_mapping(path, "config", "a config file must hold a mapping at top level")
         _deep_merge(data, loaded)
         sources.append(str(path))
     for item in overrides:
@@ -379,6 +374,17 @@ def load_config(
         where = f" (from {', '.join(sources)} and overrides)" if sources else ""
         raise ConfigError(_format_validation(err, model=RunConfig) + where) from None
     return cfg
+
+
+def read_mapping(path: Path, what: str, expected: str) -> dict[str, Any]:
+    """A YAML file holding a mapping (a config, grid or attack file); errors name the file."""
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"{path}: cannot read {what}: {err}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: {expected}")
+    return loaded
 
 
 def _deep_merge(into: dict, new: dict) -> None:

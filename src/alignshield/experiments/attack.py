@@ -54,7 +54,7 @@ from typing import Any, Callable
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from alignshield.config import ConfigError, Strict, _format_validation, stable_hash
+from alignshield.config import ConfigError, Strict, _format_validation, read_mapping, stable_hash
 from alignshield.seeding import derive_seed
 
 ATTACKS_DIR = Path(__file__).resolve().parent.parent / "resources" / "attacks"
@@ -181,12 +181,7 @@ def load_attack(name_or_path: str | Path) -> tuple[AttackSpec, Path]:
         if not path.exists():
             raise ConfigError(f"attack {str(name_or_path)!r}: no such file, and no shipped attack of that name. "
                               f"Shipped: {', '.join(known_attacks())}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"{path}: cannot read attack file: {err}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: an attack file holds a mapping (space, trials, epsilon, ...)")
+    data = read_mapping(path, "attack file", "an attack file holds a mapping (space, trials, epsilon, ...)")
     data.setdefault("name", path.stem)
     try:
         return AttackSpec(**data), path

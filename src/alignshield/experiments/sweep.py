@@ -47,7 +47,8 @@ import yaml
 from pydantic import ValidationError
 
 from alignshield import dist
-from alignshield.config import ConfigError, RunConfig, _deep_merge, _format_validation, _set_dotted, load_config
+from alignshield.config import (ConfigError, RunConfig, _deep_merge, _format_validation, _set_dotted, load_config,
+                                read_mapping)
 from alignshield.experiments.store import ResultStore, RunRecord
 
 log = logging.getLogger(__name__)
@@ -131,12 +132,7 @@ def load_sweep(
     """Read a grid file and expand it; ``preset`` replaces the grid's preset, ``files`` and
     ``overrides`` (``a.b=c``) apply after the grid's own base config."""
     path = find_grid(grid)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"{path}: cannot read grid: {err}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a grid file holds a mapping with keys {', '.join(TOP_KEYS)}")
+    data = read_mapping(path, "grid", f"a grid file holds a mapping with keys {', '.join(TOP_KEYS)}")
     return expand(data, source=path, preset=preset, files=files, overrides=overrides)
 
 
