@@ -103,15 +103,15 @@ def worker(out: Path, model_dir: Path) -> None:
                     "history": trainer.history}, out / f"{name}-rank{rank}.pt")
     state.wait_for_everyone()
 
-    import alignshield.evaluate.metrics as metrics_module
+    import alignshield.evaluate.backends as backends
 
-    generate, generated = metrics_module.generate_batch, []
+    generate, generated = backends.generate_batch, []
 
     def counting(model, tokenizer, prompts, **options):  # how many prompts this rank answers
         generated.append(len(prompts))
         return generate(model, tokenizer, prompts, **options)
 
-    metrics_module.generate_batch = counting
+    backends.generate_batch = counting
     sweep = load_sweep(out / "grid.yaml", overrides=[f"model.name={model_dir}", f"output_dir={out / 'runs'}"])
     outcome = run_sweep(sweep)
     (out / f"generated-rank{rank}.json").write_text(json.dumps(generated))

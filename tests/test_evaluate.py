@@ -227,3 +227,71 @@ def test_bad_judge_options_fail_before_any_training(tiny_model_dir, tmp_path):
     with pytest.raises(ConfigError, match="Did you mean 'min_words'"):
         stages.run(cfg)
     assert not (tmp_path / "align").exists()
+
+
+# ------------------------------------------------------------------ generation backends (evaluate/backends.py)
+
+
+class FakeVLLM:
+    """vLLM's interface (LLM, SamplingParams) answering with transformers' greedy ``generate`` on the
+    token ids it is given, from the saved model folder: what a faithful backend adapter must match."""
+
+    calls: list = []
+
+    class SamplingParams:
+        def __init__(self, **kwargs):
+            self.__dict__.update(kwargs)
+
+    class LLM:
+        def __init__(self, model, tokenizer, dtype, seed):
+            from transformers import AutoModelForCausalLM
+
+            FakeVLLM.calls.append({"model": model, "dtype": dtype, "seed": seed})
+            self.model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+
+        def generate(self, prompts, params):
+            assert params.temperature == 0.0 and params.n == 1
+            FakeVLLM.calls.append({"prompts": prompts, "max_tokens": params.max_tokens, "stop": params.stop_token_ids})
+            outs = []
+            for p in prompts:
+                ids = torch.tensor([p["prompt_token_ids"]])
+                with torch.no_grad():
+                    row = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=params.max_tokens,
+                                              do_sample=False, eos_token_id=params.stop_token_ids,
+                                              pad_token_id=params.stop_token_ids[0])[0, ids.shape[1]:].tolist()
+                cut = next((i + 1 for i, t in enumerate(row) if t in params.stop_token_ids), len(row))
+                outs.append(type("Out", (), {"outputs": [type("Seq", (), {"token_ids": row[:cut]})()]})())
+            return outs
+
+
+def test_vllm_backend_gives_the_hf_backends_answers(monkeypatch, tokenizer, tmp_path):
+    import sys
+    import types
+
+    from alignshield.evaluate.backends import HFBackend, make_backend
+    from conftest import make_model
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=FakeVLLM.LLM, SamplingParams=FakeVLLM.SamplingParams))
+    FakeVLLM.calls.clear()
+    model = make_model("llama", layers=2)
+    prompts = ["Below is an instruction", "the quick brown fox jumps over the lazy dog 0 1 2 3 4 5 6 7 8 9", "negative"]
+    options = dict(max_new_tokens=6, batch_size=2, add_special_tokens=True, max_prompt_tokens=12, progress=False)
+    want = HFBackend(model, tokenizer).generate(prompts, **options)
+    got = make_backend("vllm", model, tokenizer, tmp_path, dtype="float32", seed=3).generate(prompts, **options)
+    assert got == want
+    assert FakeVLLM.calls[0] == {"model": str(tmp_path / "model"), "dtype": "float32", "seed": 3}
+    assert any(want.truncated) and FakeVLLM.calls[1]["max_tokens"] == 6  # token ids given, already cut
+
+
+def test_vllm_backend_is_checked_before_compute(make_cfg, monkeypatch):
+    import importlib.util
+
+    from alignshield import stages
+    from alignshield.config import ConfigError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    with pytest.raises(ConfigError, match="pip install vllm"):
+        stages.validate(make_cfg("evaluate.backend=vllm"))
+    assert stages.stage_dirs(make_cfg("evaluate.backend=hf")) == stages.stage_dirs(make_cfg())  # the default's key
+    assert stages.stage_dirs(make_cfg("evaluate.backend=vllm"))["evaluate"] != stages.stage_dirs(make_cfg())["evaluate"]

@@ -273,6 +273,10 @@ class EvaluateConfig(Strict):
     batch_size: int = Field(64, gt=0)
     """Prompts generated at once (length-sorted). On 2 CPU cores 64 answered the 100 harmful prompts in
     ~30 % less time than 32 (benchmarks/throughput.py); lower it if a large model runs out of memory."""
+    backend: Literal["hf", "vllm"] = "hf"
+    """How answers are generated: ``hf`` (transformers ``generate``, any device) or ``vllm`` (GPU,
+    ``pip install vllm``; the evaluated model is saved once and loaded by vLLM). Same prompts, same
+    greedy decoding, same samples.jsonl (evaluate/backends.py)."""
     share_prefix: bool = True
     """Compute the tokens all prompts of a batch start with once and share their key/value cache
     (same answers in float32; in bfloat16, as with any change of batching, near-ties may flip)."""

@@ -71,7 +71,7 @@ def stage_dirs(cfg: RunConfig) -> dict[str, Path]:
     # unused settings (e.g. the calibration pool) cannot make an identical evaluation look new
     edits = cfg.repair.method not in REPAIR_METHODS or REPAIR_METHODS.get(cfg.repair.method).edits
     r = stable_hash(f, cfg.repair.model_dump(mode="json")) if edits else f
-    e = stable_hash(r, cfg.evaluate.model_dump(mode="json"), _judge_versions(cfg))
+    e = stable_hash(r, _key(cfg.evaluate), _judge_versions(cfg))
     return {
         "align": root / "align" / f"{cfg.align.method}-{a}",
         "finetune": root / "finetune" / f"{cfg.finetune.method}-{f}",
@@ -80,12 +80,19 @@ def stage_dirs(cfg: RunConfig) -> dict[str, Path]:
     }
 
 
-def _key(ft) -> dict[str, Any]:
-    """The fine-tune's key: its config, less ``select`` when the selection is random (its other
-    settings are then unused; and the stages computed before ``select`` existed keep their folders)."""
-    dumped = ft.model_dump(mode="json")
-    if ft.select.method == "random":
-        del dumped["select"]
+ADDED_LATER = {"select": lambda section: section.select.method == "random",
+               "backend": lambda section: section.backend == "hf"}
+"""Fields added after stages were computed, and when they leave the key: ``finetune.select`` when
+the selection is random (its other settings are then unused), ``evaluate.backend`` at ``hf``. So the
+folders computed before the fields existed stay valid, and equal runs keep one folder."""
+
+
+def _key(section) -> dict[str, Any]:
+    """A stage section's part of its key: its config, less the ``ADDED_LATER`` fields at their default."""
+    dumped = section.model_dump(mode="json")
+    for name, at_default in ADDED_LATER.items():
+        if name in dumped and at_default(section):
+            del dumped[name]
     return dumped
 
 
@@ -132,6 +139,15 @@ def validate(cfg: RunConfig, upto: str = "evaluate") -> None:
                               "finetune.topology=full trains every weight and leaves no adapter: use "
                               "repair.method=none or a LoRA topology")
     if upto == "evaluate":
+        if cfg.evaluate.backend == "vllm":
+            import importlib.util
+
+            if importlib.util.find_spec("vllm") is None:
+                raise ConfigError("evaluate.backend=vllm needs vLLM (a CUDA machine): pip install vllm; or use "
+                                  "evaluate.backend=hf")
+            if dist.is_distributed():
+                raise ConfigError("evaluate.backend=vllm runs in one process (vLLM spreads a model over GPUs "
+                                  "itself); launch without torchrun / accelerate launch, or use evaluate.backend=hf")
         for name in cfg.evaluate.judges:
             check_available(name, cfg.evaluate.judge_options.get(name))
         test_rows = len(task.rows("test"))
@@ -367,7 +383,7 @@ def _evaluate_into(work: Path, cfg: RunConfig, final_dir: Path, dirs: dict[str, 
             del aligned
             _release_memory()
         model, tokenizer = final_model(cfg, final_dir)
-        metrics, samples = generate_answers(model, tokenizer, cfg)
+        metrics, samples = generate_answers(model, tokenizer, cfg, scratch=work)
         metrics |= analysis_metrics(model, tokenizer, cfg, reference)
         del model, reference
         _release_memory()

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import tempfile
 from collections import Counter
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,7 +26,8 @@ from alignshield.config import RunConfig
 from alignshield.data.pools import Example, load_pool
 from alignshield.data.templates import render_prompt
 from alignshield.evaluate.agreement import agreement_metrics
-from alignshield.evaluate.generate import Generation, generate_batch
+from alignshield.evaluate.backends import make_backend
+from alignshield.evaluate.generate import Generation
 from alignshield.evaluate.judges import make_judge
 from alignshield.evaluate.text import clean_text, is_empty
 from alignshield.tasks import TASKS
@@ -34,12 +38,28 @@ _ORDER = ("harmful_prompts", "harmful_score/", "ci95/", "outcome/", "answers/", 
           "task_answers/", "alignment_loss", "harmful_embedding_drift", "analysis/", "prompts/")
 
 
-def generate_answers(model: torch.nn.Module, tokenizer, cfg: RunConfig) -> tuple[dict[str, Any], list[dict]]:
-    """Answers (harmful prompts, then task prompts), Finetune Accuracy and robustness counts."""
+def generate_answers(model: torch.nn.Module, tokenizer, cfg: RunConfig,
+                     scratch: Path | None = None) -> tuple[dict[str, Any], list[dict]]:
+    """Answers (harmful prompts, then task prompts), Finetune Accuracy and robustness counts.
+    ``scratch``: a folder the ``vllm`` backend may save the model into (default: a temporary one)."""
     ev = cfg.evaluate
     special = cfg.template == "alpaca"
     harmful = load_pool(ev.harmful)
-    gen = sharded_generate(model, tokenizer, [render_prompt(e, cfg.template, tokenizer) for e in harmful],
+    with _scratch(scratch) as folder:
+        backend = make_backend(ev.backend, model, tokenizer, folder, dtype=cfg.model.dtype, seed=cfg.seed)
+        return _answers(backend, tokenizer, cfg, harmful, special)
+
+
+@contextmanager
+def _scratch(folder: Path | None):
+    """A temporary folder (inside ``folder`` when given), removed afterwards: a saved model never stays."""
+    with tempfile.TemporaryDirectory(prefix="backend-", dir=folder) as tmp:
+        yield Path(tmp)
+
+
+def _answers(backend, tokenizer, cfg: RunConfig, harmful: list[Example], special: bool):
+    ev = cfg.evaluate
+    gen = sharded_generate(backend, [render_prompt(e, cfg.template, tokenizer) for e in harmful],
                          max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size, add_special_tokens=special,
                          max_prompt_tokens=ev.max_prompt_tokens, share_prefix=ev.share_prefix, desc="harmful prompts")
     samples = [{"kind": "harmful", "prompt": clean_text(e.prompt), "answer": a, "truncated": t, "verdicts": {}}
@@ -50,7 +70,7 @@ def generate_answers(model: torch.nn.Module, tokenizer, cfg: RunConfig) -> tuple
     task = TASKS.get(cfg.finetune.task)
     rows = task.rows("test")[: ev.task_n]
     examples: list[Example] = [task.to_example(r) for r in rows]
-    task_gen = sharded_generate(model, tokenizer, [render_prompt(e, cfg.template, tokenizer) for e in examples],
+    task_gen = sharded_generate(backend, [render_prompt(e, cfg.template, tokenizer) for e in examples],
                               max_new_tokens=ev.task_max_new_tokens or task.max_new_tokens,
                               batch_size=ev.batch_size, add_special_tokens=special,
                               max_prompt_tokens=ev.max_prompt_tokens, share_prefix=ev.share_prefix,
@@ -69,13 +89,13 @@ def generate_answers(model: torch.nn.Module, tokenizer, cfg: RunConfig) -> tuple
     return metrics, samples
 
 
-def sharded_generate(model: torch.nn.Module, tokenizer, prompts: list[str], **options) -> Generation:
-    """``generate_batch`` over this rank's contiguous shard of ``prompts``, gathered in prompt order on
-    every rank: under DDP each rank answers 1/world of the prompts instead of all of them."""
+def sharded_generate(backend, prompts: list[str], **options) -> Generation:
+    """The backend's answers over this rank's contiguous shard of ``prompts``, gathered in prompt order
+    on every rank: under DDP each rank answers 1/world of the prompts instead of all of them."""
     if not dist.is_distributed():
-        return generate_batch(model, tokenizer, prompts, **options)
+        return backend.generate(prompts, **options)
     lo, hi = dist.shard_bounds(len(prompts))
-    local = generate_batch(model, tokenizer, prompts[lo:hi], **options) if hi > lo else Generation([], [], [], [], [])
+    local = backend.generate(prompts[lo:hi], **options) if hi > lo else Generation([], [], [], [], [])
     parts = {f.name: getattr(local, f.name) for f in dataclasses.fields(Generation)}
     if parts["token_ids"] is None:  # (every rank runs the same code: all None or none)
         parts["token_ids"] = [None] * (hi - lo)
