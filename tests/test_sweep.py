@@ -587,3 +587,27 @@ def test_a_run_evaluated_again_under_a_new_judge_replaces_the_old_one_in_tables(
         assert [r.run_key for r in store.runs("s")] == ["new-judge", "seed2"]
         assert [r.metrics["harmful_score/embedded"] for r in store.runs()] == [10.0, 5.0]
         assert len(store.runs("s", superseded=True)) == 3
+
+
+def test_launcher_submits_one_job_per_slice_and_records_every_run(tmp_path, tiny_model_dir):
+    pytest.importorskip("submitit")
+    from typer.testing import CliRunner
+
+    from alignshield.cli import app
+    from alignshield.experiments.store import ResultStore
+
+    grid = tmp_path / "grid.yaml"
+    from conftest import TINY_RUN
+
+    grid.write_text(yaml.safe_dump({"grid": {"seed": [1, 2], "finetune.p": [0.0, 0.5]}}))
+    out = tmp_path / "runs"
+    args = ["sweep", str(grid), f"model.name={tiny_model_dir}", f"output_dir={out}", *TINY_RUN,
+            "evaluate.judges=[keyword]"]
+    result = CliRunner().invoke(app, [*args, "--launcher", "local", "--slice-by", "seed"])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("submitted seed=") == 2
+    with ResultStore.in_dir(out, readonly=True) as store:
+        assert len(store.runs("grid")) == 4
+    assert len(list((out / "align").iterdir())) == 2  # one alignment per seed, built once
+    bad = CliRunner().invoke(app, [*args, "--launcher", "local", "--slice-by", "finetune.lr"])
+    assert bad.exit_code == 2 and "not a swept field" in bad.output

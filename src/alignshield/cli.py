@@ -375,6 +375,14 @@ def sweep_command(
         None, "--where", "-w", help="Only the runs with this field=value, e.g. seed=1; repeatable (a field given "
         "twice matches either value). Sweeps over different slices can run at once into one output folder: "
         "shared stages are built once."),
+    launcher: Optional[str] = typer.Option(
+        None, "--launcher", help="Submit one job per slice with submitit instead of running here: slurm, or local "
+        "(subprocesses, to try it). The output folder must be on storage every node sees."),
+    slice_by: str = typer.Option("seed", "--slice-by", help="With --launcher: one job per value of this swept field."),
+    slurm: Optional[list[str]] = typer.Option(
+        None, "--slurm", help="With --launcher: a submitit parameter key=value, e.g. slurm_partition=gpu, "
+        "gpus_per_node=1, timeout_min=600; repeatable."),
+    wait: bool = typer.Option(True, "--wait/--no-wait", help="With --launcher: wait for the jobs and report them."),
 ) -> None:
     """Run every point of a grid (cartesian product + zipped axes); stages are shared, finished work reused."""
     from alignshield.experiments import sweep as sw
@@ -392,7 +400,17 @@ def sweep_command(
             sw.validate(plan)
             _print_plan(plan, sw.status(plan))
             return
-        outcome = sw.run_sweep(plan, keep_going=keep_going, echo=console.print)
+        if launcher:
+            from alignshield.experiments import launch
+
+            sw.validate(plan)  # every slice's errors here, before anything is submitted
+            outcome = launch.submit(plan, launcher, grid=grid, preset="quick" if quick else preset, files=config or [],
+                                    overrides=overrides or [], where=where or [], slice_by=slice_by,
+                                    parameters=launch.parse_parameters(slurm or []), wait=wait, echo=console.print)
+            if not wait:
+                return
+        else:
+            outcome = sw.run_sweep(plan, keep_going=keep_going, echo=console.print)
         console.print(f"sweep {plan.name}: {len(outcome.computed)} computed, {len(outcome.cached)} already done, "
                       f"{len(outcome.failed)} failed, {outcome.seconds:.0f} s; results in "
                       f"{plan.output_dir / 'results.sqlite'} (alignshield results -o {plan.output_dir})")
