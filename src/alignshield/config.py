@@ -368,16 +368,23 @@ def load_config(
         _deep_merge(data, loaded)
         sources.append(str(path))
     for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r} must look like section.field=value")
-        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+        key, value, _ = parse_assignment(item, "override", "section.field=value")
+        _set_dotted(data, key, value)
     try:
         cfg = RunConfig(**data)
     except ValidationError as err:
         where = f" (from {', '.join(sources)} and overrides)" if sources else ""
         raise ConfigError(_format_validation(err, model=RunConfig) + where) from None
     return cfg
+
+
+def parse_assignment(item: str, what: str, form: str) -> tuple[str, Any, str]:
+    """``key=value`` (a command-line override, a filter, a launcher parameter) as (key, the value read
+    as YAML, the value as written); the error says which ``what`` and the expected ``form``."""
+    key, sep, raw = str(item).partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"{what} {item!r} must look like {form}")
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else "", raw.strip()
 
 
 def read_mapping(path: Path, what: str, expected: str) -> dict[str, Any]:

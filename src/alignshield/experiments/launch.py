@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from alignshield.config import ConfigError
+from alignshield.config import ConfigError, parse_assignment
 from alignshield.experiments.sweep import Outcome, Sweep, load_sweep, restrict, run_sweep
 
 LAUNCHERS = ("slurm", "local")
@@ -77,14 +77,7 @@ def _text(value: Any) -> str:
 
 def parse_parameters(items: list[str]) -> dict[str, Any]:
     """``--slurm key=value`` pairs (submitit's ``slurm_*`` / generic parameters), values read as YAML."""
-    import yaml
-
-    out = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--slurm {item!r}: write key=value, e.g. slurm_partition=gpu or timeout_min=600")
-        out[key.strip()] = yaml.safe_load(raw)
-    return out
+    return dict(parse_assignment(item, "--slurm", "key=value, e.g. slurm_partition=gpu or timeout_min=600")[:2]
+                for item in items)
 
 

@@ -43,12 +43,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-import yaml
 from pydantic import ValidationError
 
 from alignshield import dist
 from alignshield.config import (ConfigError, RunConfig, _deep_merge, _format_validation, _set_dotted, load_config,
-                                read_mapping)
+                                parse_assignment, read_mapping)
 from alignshield.experiments.store import ResultStore, RunRecord
 
 log = logging.getLogger(__name__)
@@ -219,13 +218,7 @@ def _run_field(run: Run, name: str) -> Any:
 
 def parse_filters(filters: Iterable[str]) -> list[tuple[str, Any, str]]:
     """``field=value`` strings as (field, value typed as YAML, value as written)."""
-    out = []
-    for item in filters:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"filter {item!r} must look like field=value, e.g. align.method=vaccine")
-        out.append((key.strip(), yaml.safe_load(raw) if raw.strip() else "", raw.strip()))
-    return out
+    return [parse_assignment(item, "filter", "field=value, e.g. align.method=vaccine") for item in filters]
 
 
 def selector(filters: Iterable[str]) -> Callable[[Callable[[str], Any]], bool]:
@@ -287,13 +280,7 @@ def _override_pairs(overrides: Any, where: str) -> list[tuple[str, Any]]:
     if isinstance(overrides, dict):
         return [(str(k), v) for k, v in overrides.items()]
     if isinstance(overrides, list):
-        pairs = []
-        for item in overrides:
-            key, sep, raw = str(item).partition("=")
-            if not sep or not key.strip():
-                raise ConfigError(f"{where}: override {item!r} must look like section.field=value")
-            pairs.append((key.strip(), yaml.safe_load(raw) if raw.strip() else ""))
-        return pairs
+        return [parse_assignment(item, f"{where}: override", "section.field=value")[:2] for item in overrides]
     raise ConfigError(f"{where}: overrides must be a mapping of dotted fields to values, or a list of a.b=c")
 
 
