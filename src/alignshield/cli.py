@@ -145,7 +145,7 @@ def list_names() -> None:
     from alignshield.data.pools import DATASETS
     from alignshield.evaluate.judges import JUDGES
     from alignshield.experiments.attack import known_attacks
-    from alignshield.experiments.sweep import known_grids
+    from alignshield.experiments.grid import known_grids
     from alignshield.finetune import FINETUNE_METHODS
     from alignshield.repair import REPAIR_METHODS
     from alignshield.tasks import TASKS

@@ -213,7 +213,7 @@ class Attack:
         self.storage_path = self.output_dir / STUDIES_DIR / f"{self.study}.sqlite"
 
     def _runs(self, assigned: dict[str, Any], overrides: list[str] | None = None):
-        from alignshield.experiments.sweep import expand
+        from alignshield.experiments.grid import expand
 
         data = self._grid_base | {"grid": {k: [v] for k, v in assigned.items()}}
         return expand(data, source=self.source, preset=self._cli["preset"], files=self._cli["files"],
@@ -288,7 +288,8 @@ class Attack:
         from optuna.trial import TrialState
 
         from alignshield import dist, stages
-        from alignshield.experiments.sweep import _store, environment, execute
+        from alignshield.experiments.metadata import environment
+        from alignshield.experiments.sweep import _store, execute
 
         if dist.is_distributed():
             raise ConfigError("alignshield attack runs in one process (the study is read and written by one "

@@ -13,7 +13,8 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from alignshield.config import ConfigError, parse_assignment
-from alignshield.experiments.sweep import Outcome, Sweep, load_sweep, restrict, run_sweep
+from alignshield.experiments.grid import Sweep, load_sweep, restrict
+from alignshield.experiments.sweep import Outcome, run_sweep
 
 LAUNCHERS = ("slurm", "local")
 

@@ -21,7 +21,7 @@ from typing import Any, Iterable
 import yaml
 
 from alignshield.experiments.store import ResultStore, StoredRun
-from alignshield.experiments.sweep import get_dotted, selector
+from alignshield.experiments.grid import get_dotted, selector
 
 DEFAULT_METRICS = ("harmful_score/*", "finetune_accuracy/*")
 PREFERRED_HS = ("harmful_score/embedded", "harmful_score/keyword")
