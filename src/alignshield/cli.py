@@ -425,7 +425,8 @@ def sweep_command(
 @app.command("attack")
 def attack_command(
     attack: str = typer.Argument(
-        ..., help="An attack file, or a shipped attack: embedded (LoRA attacks), embedded-full (+ full-parameter)."),
+        ..., help="An attack file, or a shipped attack: embedded (LoRA attacks), embedded-full (+ full-parameter), "
+        "llama2 (GPU scale)."),
     overrides: Optional[list[str]] = typer.Argument(
         None, help="The defence, as dotted overrides of the attack's base, e.g. align.method=vaccine repair.method=antidote."),
     config: Optional[list[Path]] = ConfigOpt,
