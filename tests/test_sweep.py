@@ -611,3 +611,23 @@ def test_launcher_submits_one_job_per_slice_and_records_every_run(tmp_path, tiny
     assert len(list((out / "align").iterdir())) == 2  # one alignment per seed, built once
     bad = CliRunner().invoke(app, [*args, "--launcher", "local", "--slice-by", "finetune.lr"])
     assert bad.exit_code == 2 and "not a swept field" in bad.output
+
+
+def test_grid_declared_plots_replace_the_inferred_ones(tmp_path, tiny_model_dir):
+    from conftest import TINY_RUN
+
+    grid = {"grid": {"finetune.p": [0.0, 0.5]},
+            "plots": [{"x": "finetune.p", "y": "harmful_score/keyword", "title": "declared line"},
+                      {"x": "finetune_accuracy/strict", "y": "harmful_score/keyword", "series": ["finetune.p"]}]}
+    overrides = [f"model.name={tiny_model_dir}", f"output_dir={tmp_path / 'runs'}", *TINY_RUN,
+                 "evaluate.judges=[keyword]"]
+    sweep = expand(grid, overrides=overrides)
+    run_sweep(sweep)
+    report = rp.build_report(tmp_path / "runs", tmp_path / "report", html_page=False)
+    names = sorted(p.name for p in report.figures)
+    assert names == ["sweep-harmful-score-keyword-vs-finetune-accuracy-strict.png", "sweep-hs-vs-finetune-p.png"]
+
+    for bad, message in [({"x": "finetune.p", "series": ["seed"]}, "not swept"),
+                         ({"x": "finetune.q"}, "neither a swept field"), ({"x": "finetune.p", "colour": "red"}, "colour")]:
+        with pytest.raises(ConfigError, match=message):
+            expand({"grid": {"finetune.p": [0.0, 0.5]}, "plots": [bad]}, overrides=overrides)

@@ -14,6 +14,8 @@ A grid file is YAML::
     zip:                        # optional: fields varied together (lists of equal length); one
       finetune.train.learning_rate: [1.0e-5, 1.0e-4]   # zip axis, or a list of such mappings
       finetune.train.epochs: [20, 5]
+    plots:                      # optional: what the report draws (default: inferred from the axes)
+      - {x: finetune.p, series: [align.method]}
 
 The base is: defaults <- preset <- config files <- ``overrides`` (a mapping value merges into the
 base like a config file) <- command-line ``a.b=c`` overrides (which replace, as in ``alignshield
@@ -32,11 +34,25 @@ from typing import Any, Callable, Iterable
 
 from pydantic import ValidationError
 
-from alignshield.config import (ConfigError, RunConfig, _deep_merge, _format_validation, _set_dotted, load_config,
-                                parse_assignment, read_mapping)
+from alignshield.config import (ConfigError, RunConfig, Strict, _deep_merge, _format_validation, _set_dotted,
+                                load_config, parse_assignment, read_mapping)
 
 GRIDS_DIR = Path(__file__).resolve().parent.parent / "resources" / "grids"
-TOP_KEYS = ("name", "description", "preset", "config", "overrides", "grid", "zip")
+TOP_KEYS = ("name", "description", "preset", "config", "overrides", "grid", "zip", "plots")
+
+
+class PlotSpec(Strict):
+    """A plot the report draws for this grid (``plots:`` in the grid file); without any, the report
+    draws what the swept fields support."""
+
+    x: str
+    """A swept field (a line per ``series`` over its values) or a metric (one point per group)."""
+    y: str | None = None
+    """The metric on the y axis; default: the report's harmful score."""
+    series: list[str] = []
+    """Swept fields: one line (or point) per combination of their values."""
+    title: str | None = None
+    """The plot's title; default: "<grid>: y vs x"."""
 
 
 @dataclass
@@ -69,6 +85,8 @@ class Sweep:
     """(position, position of the identical earlier run) for grid points that are the same run."""
     where: list[str] = field(default_factory=list)
     """The ``field=value`` filters that selected ``runs`` from the grid (``restrict``); empty: all."""
+    plots: list[dict[str, Any]] = field(default_factory=list)
+    """The grid's declared plots (``PlotSpec`` as mappings), recorded with the sweep for the report."""
 
     @property
     def output_dir(self) -> Path:
@@ -81,7 +99,8 @@ class Sweep:
     def spec(self) -> dict[str, Any]:
         points = math.prod(len(a.values) for a in self.axes)
         return {"axes": [{"fields": a.fields, "values": [list(v) for v in a.values]} for a in self.axes],
-                "runs": points - len(self.duplicates)}  # the whole grid's, whatever ``where`` selects
+                "runs": points - len(self.duplicates),  # the whole grid's, whatever ``where`` selects
+                **({"plots": self.plots} if self.plots else {})}
 
 
 def known_grids() -> list[str]:
@@ -173,10 +192,11 @@ def expand(
             continue
         seen[key] = position
         runs.append(Run(position, typed, cfg, key, dirs))
+    plots = _plots(data.get("plots") or [], [f for a in axes for f in a.fields], where)
     name = str(data.get("name") or (source.stem if source else "sweep"))
     base_info = {"preset": preset or data.get("preset"), "config": [str(f) for f in all_files],
                  "overrides": {k: v for k, v in pairs}, "output_dir": base["output_dir"]}
-    return Sweep(name, str(source) if source else None, base_info, axes, runs, duplicates)
+    return Sweep(name, str(source) if source else None, base_info, axes, runs, duplicates, plots=plots)
 
 
 def restrict(sweep: Sweep, where: list[str]) -> Sweep:
@@ -253,6 +273,26 @@ def _values(key: Any, values: Any, where: str) -> list:
     if not isinstance(values, list) or not values:
         raise ConfigError(f"{where}: swept field {key} needs a non-empty list of values, got {values!r}")
     return values
+
+
+def _plots(plots: Any, swept: list[str], where: str) -> list[dict[str, Any]]:
+    """The declared plots, validated: series are swept fields, x is a swept field or a metric name."""
+    if not isinstance(plots, list):
+        raise ConfigError(f"{where}: plots is a list of {{x, y, series, title}} mappings")
+    out = []
+    for i, item in enumerate(plots):
+        try:
+            plot = PlotSpec(**item) if isinstance(item, dict) else PlotSpec(x=item)
+        except ValidationError as err:
+            raise ConfigError(_format_validation(err, prefix=f"{where}: plots[{i}]", model=PlotSpec)) from None
+        unknown = [f for f in plot.series if f not in swept]
+        if unknown:
+            raise ConfigError(f"{where}: plots[{i}].series {unknown} are not swept; swept: {', '.join(swept)}")
+        if plot.x not in swept and "/" not in plot.x:
+            raise ConfigError(f"{where}: plots[{i}].x={plot.x!r} is neither a swept field ({', '.join(swept)}) "
+                              "nor a metric (e.g. finetune_accuracy/strict)")
+        out.append(plot.model_dump())
+    return out
 
 
 def _override_pairs(overrides: Any, where: str) -> list[tuple[str, Any]]:

@@ -367,12 +367,15 @@ def _slug(text: str) -> str:
 
 def _figures(name: str, runs: list[StoredRun], spec: dict, out: Path, hs: str, fa: str | None,
              notes: list[str]) -> list[Figure]:
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure as MplFigure
-    except ImportError:
+    """The grid's declared ``plots`` when it has them, else the plots the swept fields support: the
+    harmful score against every numeric swept field, and against the accuracy."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
         notes.append("matplotlib is not installed (pip install 'alignshield[plot]'): tables only")
         return []
+    if spec.get("plots"):
+        return [_declared(name, runs, plot, out, hs, notes) for plot in spec["plots"]]
     figures = []
     swept = swept_fields(runs)
     plotted: list[str] = []
@@ -387,53 +390,92 @@ def _figures(name: str, runs: list[StoredRun], spec: dict, out: Path, hs: str, f
         if any(y in lockstep and _determined_by(axis, runs, y, x) for y in plotted):
             continue
         plotted.append(x)
-        series_fields = [f for f in swept if f != x and f not in lockstep]
-        fig = MplFigure(figsize=(6.4, 4.2), dpi=110)
-        FigureCanvasAgg(fig)
-        ax = fig.add_subplot()
-        for i, (label, group) in enumerate(_series(runs, series_fields)):
-            points = aggregate(group, [x], [hs])
-            points = sorted((p for p in points if hs in p.stats), key=lambda p: p.values[0])
-            xs = [p.values[0] for p in points]
-            ys = [p.stats[hs].mean for p in points]
-            err = [p.stats[hs].std or 0.0 for p in points]
-            ax.errorbar(xs, ys, yerr=err, capsize=3, label=label or None, **_style(i))
-        if _log_scale(x, values):
-            ax.set_xscale("log")
-        ax.set_xlabel(x)
-        ax.set_ylabel(f"{hs} (%)")
-        ax.set_title(f"{name}: {hs.split('/')[0].replace('_', ' ')} vs {x}")
-        ax.grid(True, alpha=0.3)
-        if series_fields:
-            _legend_below(ax, " / ".join(series_fields), fontsize=8)
-        path = out / f"{_slug(name)}-hs-vs-{_slug(x)}.png"
-        fig.savefig(path, bbox_inches="tight")
-        figures.append(Figure(f"{hs} vs {x}", path,
-                              f"Mean over seeds (error bars: sample std) of {hs} against {x}"
-                              + (f" (zipped with {', '.join(sorted(lockstep))})" if lockstep else "")
-                              + (f", one line per {' / '.join(series_fields)}." if series_fields else ".")))
+        series = [f for f in swept if f != x and f not in lockstep]
+        figures.append(_line(name, runs, x, hs, series, out, note=f" (zipped with {', '.join(sorted(lockstep))})"
+                             if lockstep else ""))
     if fa:
-        groups = [g for g in aggregate(runs, swept, [hs, fa]) if hs in g.stats and fa in g.stats]
-        if len(groups) >= 2:
-            fig = MplFigure(figsize=(6.4, 4.6), dpi=110)
-            FigureCanvasAgg(fig)
-            ax = fig.add_subplot()
-            for i, g in enumerate(groups):
-                label = " / ".join(fmt(v) for v in g.values) or "all"
-                ax.errorbar(g.stats[fa].mean, g.stats[hs].mean, xerr=g.stats[fa].std or 0.0,
-                            yerr=g.stats[hs].std or 0.0, capsize=3, linestyle="none", label=label, **_style(i))
-            ax.set_xlabel(f"{fa} (%)")
-            ax.set_ylabel(f"{hs} (%)")
-            ax.set_title(f"{name}: harmful score vs finetune accuracy")
-            ax.grid(True, alpha=0.3)
-            if len(groups) <= 16:
-                _legend_below(ax, " / ".join(swept) or None, fontsize=7)
-            path = out / f"{_slug(name)}-hs-vs-fa.png"
-            fig.savefig(path, bbox_inches="tight")
-            figures.append(Figure("harmful score vs finetune accuracy", path,
-                                  f"One point per {' / '.join(swept) or 'group'} (mean over seeds, bars: std); "
-                                  "lower and further right is better."))
+        if len([g for g in aggregate(runs, swept, [hs, fa]) if hs in g.stats and fa in g.stats]) >= 2:
+            figures.append(_scatter(name, runs, fa, hs, swept, out, slug="hs-vs-fa",
+                                    title=f"{name}: harmful score vs finetune accuracy"))
     return figures
+
+
+def _declared(name: str, runs: list[StoredRun], plot: dict, out: Path, hs: str, notes: list[str]) -> Figure:
+    """A plot the grid declares (``plots:`` in the grid file): a line over a swept ``x``, or a scatter of
+    group means when ``x`` is a metric."""
+    y, series = plot.get("y") or hs, list(plot.get("series") or [])
+    swept = swept_fields(runs, exclude=())
+    if plot["x"] in swept:
+        return _line(name, runs, plot["x"], y, series, out, title=plot.get("title"))
+    return _scatter(name, runs, plot["x"], y, series, out, slug=f"{_slug(y)}-vs-{_slug(plot['x'])}",
+                    title=plot.get("title") or f"{name}: {y} vs {plot['x']}")
+
+
+def _line(name: str, runs: list[StoredRun], x: str, y: str, series: list[str], out: Path, note: str = "",
+          title: str | None = None) -> Figure:
+    """``y`` (mean over seeds, error bars: std) against the swept field ``x``, one line per ``series``."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure as MplFigure
+
+    fig = MplFigure(figsize=(6.4, 4.2), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for i, (label, group) in enumerate(_series(runs, series)):
+        points = sorted((p for p in aggregate(group, [x], [y]) if y in p.stats), key=lambda p: p.values[0])
+        ax.errorbar([p.values[0] for p in points], [p.stats[y].mean for p in points],
+                    yerr=[p.stats[y].std or 0.0 for p in points], capsize=3, label=label or None, **_style(i))
+    if _log_scale(x, {_hashable(field_value(r, x)) for r in runs if y in r.metrics}):
+        ax.set_xscale("log")
+    ax.set_xlabel(x)
+    ax.set_ylabel(f"{y} (%)")
+    ax.set_title(title or f"{name}: {y.split('/')[0].replace('_', ' ')} vs {x}")
+    ax.grid(True, alpha=0.3)
+    if series:
+        _legend_below(ax, " / ".join(series), fontsize=8)
+    prefix = "hs" if y.startswith("harmful_score/") else _slug(y)
+    path = out / f"{_slug(name)}-{prefix}-vs-{_slug(x)}.png"
+    fig.savefig(path, bbox_inches="tight")
+    return Figure(f"{y} vs {x}", path, f"Mean over seeds (error bars: sample std) of {y} against {x}{note}"
+                  + (f", one line per {' / '.join(series)}." if series else "."))
+
+
+def _scatter(name: str, runs: list[StoredRun], x: str, y: str, groups_by: list[str], out: Path, *, slug: str,
+             title: str) -> Figure:
+    """One point per group of ``groups_by`` (mean over seeds, bars: std) at (metric ``x``, metric ``y``)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure as MplFigure
+
+    groups = [g for g in aggregate(runs, groups_by, [y, x]) if y in g.stats and x in g.stats]
+    # many groups: one style (and legend entry) per value of the first field, so the legend stays readable
+    by_first = len(groups) > 16 and len({g.values[0] for g in groups}) <= 16
+    firsts = list(dict.fromkeys(g.values[0] for g in groups)) if by_first else []
+    fig = MplFigure(figsize=(6.4, 4.6), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    labelled: set = set()
+    for i, g in enumerate(groups):
+        if by_first:
+            style, label = _style(firsts.index(g.values[0])), fmt(g.values[0])
+            label = None if label in labelled else label
+            labelled.add(fmt(g.values[0]))
+        else:
+            style, label = _style(i), " / ".join(fmt(v) for v in g.values) or "all"
+        ax.errorbar(g.stats[x].mean, g.stats[y].mean, xerr=g.stats[x].std or 0.0, yerr=g.stats[y].std or 0.0,
+                    capsize=3, linestyle="none", label=label, **style)
+    ax.set_xlabel(f"{x} (%)")
+    ax.set_ylabel(f"{y} (%)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    if by_first:
+        _legend_below(ax, groups_by[0], fontsize=7)
+    elif len(groups) <= 16:
+        _legend_below(ax, " / ".join(groups_by) or None, fontsize=7)
+    path = out / f"{_slug(name)}-{slug}.png"
+    fig.savefig(path, bbox_inches="tight")
+    caption = f"One point per {' / '.join(groups_by) or 'group'} (mean over seeds, bars: std)"
+    if y.startswith("harmful_score/") and x.startswith("finetune_accuracy/"):
+        caption += "; lower and further right is better"
+    return Figure("harmful score vs finetune accuracy" if slug == "hs-vs-fa" else f"{y} vs {x}", path, caption + ".")
 
 
 def _series(runs: list[StoredRun], fields: list[str]) -> list[tuple[str, list[StoredRun]]]:
