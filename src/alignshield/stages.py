@@ -211,7 +211,7 @@ def align(cfg: RunConfig) -> Path:
             model = attach_lora(model, cfg.align.lora)
             extra = {"harmful": _tokenize(load_pool(cfg.align.data.harmful), tokenizer, cfg, cfg.align.train.max_length)}
             report |= _train(method, model, _tokenize(examples, tokenizer, cfg, cfg.align.train.max_length),
-                             cfg, "align", params, work, tokenizer, extra)
+                             cfg, "align", params, work, out, tokenizer, extra)
         _finish_stage(work, cfg, "align", params, report)
     return out
 
@@ -263,7 +263,7 @@ def finetune(cfg: RunConfig) -> Path:
         # and which user examples are harmful (VLGuard replaces benign ones)
         extra = {"alignment": _tokenize(load_pool(cfg.align.data.safety), tokenizer, cfg, ft.train.max_length),
                  "user_harmful": [h for _, h in mix]}
-        report |= _train(method, model, train_set, cfg, "finetune", params, work, tokenizer, extra)
+        report |= _train(method, model, train_set, cfg, "finetune", params, work, out, tokenizer, extra)
         _finish_stage(work, cfg, "finetune", params, report)
     return out
 
@@ -459,12 +459,13 @@ def _tokenize(examples: list[Example], tokenizer, cfg: RunConfig, max_length: in
     return [tokenize_pair(tokenizer, e, cfg.template, max_length) for e in examples]
 
 
-def _train(method, model, train_set, cfg: RunConfig, stage: str, params, work: Path, tokenizer,
+def _train(method, model, train_set, cfg: RunConfig, stage: str, params, work: Path, out: Path, tokenizer,
            extra: dict[str, list]) -> dict[str, Any]:
+    """Train in the scratch folder ``work`` of the stage folder ``out`` (which names the tracker run)."""
     settings = getattr(cfg, stage).train
     trainer = method(model, train_set, settings, params, seed=cfg.seed, workdir=work,
                      pad_token_id=tokenizer.pad_token_id, extra_data=extra, model_config=cfg.model,
-                     tracking=tracking.for_stage(cfg, stage, stage_dirs(cfg)[stage]))
+                     tracking=tracking.for_stage(cfg, stage, out))
     report = trainer.train()
     if trainer.accelerator.is_main_process:
         trained = trainer.unwrapped_model()
@@ -487,7 +488,8 @@ def _finish_stage(work: Path, cfg: RunConfig, stage: str, params, report: dict[s
 # ------------------------------------------------------------------- multi-process (DDP) runs
 # Under ``torchrun`` / ``accelerate launch`` every process runs the same stage code: training is
 # data-parallel (train.Trainer), the evaluation's generation is split across ranks (evaluate/metrics.py),
-# and the repair and the judges run redundantly on every rank (same weights, same data, same result). Only rank 0 writes a stage's files, and the ``.partial`` ->
+# and the repair and the judges run redundantly on every rank (same weights, same data, same result).
+# Only rank 0 writes a stage's files, and the ``.partial`` ->
 # final rename happens once, between barriers: no rank reads a half-written folder, no two ranks
 # race on a rename or a file. In a single process none of this initialises anything.
 

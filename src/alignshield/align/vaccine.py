@@ -55,6 +55,8 @@ class VaccineTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.layout = self.discover_layers()
         self.shared_direction: dict[int, torch.Tensor] | None = None
+        self.last_norm: float | None = None
+        """The global norm of the last micro-batch's perturbation (rho, up to float error), when tracked."""
 
     def perturbed_layers(self) -> list[int]:
         return list(range(len(self.layout)))
@@ -99,12 +101,12 @@ class VaccineTrainer(Trainer):
     def training_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         layers = self.perturbed_layers()
         e = {i: t.detach() for i, t in self.perturbation(batch, layers).items()}
-        self.last_norm = float(torch.sqrt(sum(t.float().pow(2).sum().cpu() for t in e.values())))
+        if self.tracking:  # only a tracker reads it: no device sync per step otherwise
+            self.last_norm = float(torch.sqrt(sum(t.float().pow(2).sum().cpu() for t in e.values())))
         return self.perturbed_step(batch, layers, lambda i, h: e[layers[i]].to(h.dtype))
 
     def signals(self) -> dict[str, float]:
-        """The global norm of the last micro-batch's perturbation (rho, up to float error and padding)."""
-        return {"vaccine/perturbation_norm": self.last_norm} if hasattr(self, "last_norm") else {}
+        return {} if self.last_norm is None else {"vaccine/perturbation_norm": self.last_norm}
 
     def perturbed_step(self, batch: dict[str, torch.Tensor], layers: list[int],
                        delta: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:

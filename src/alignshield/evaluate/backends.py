@@ -24,9 +24,6 @@ import torch
 from alignshield.evaluate.generate import Generation, _end_ids, count_new_tokens, encode_prompts, generate_batch, \
     safe_decode
 
-BACKENDS = ("hf", "vllm")
-
-
 class Backend(Protocol):
     def generate(self, prompts: list[str], **options) -> Generation: ...
 
@@ -42,7 +39,8 @@ class HFBackend:
 
 
 class VLLMBackend:
-    """vLLM on the evaluated model, saved to ``scratch / "model"`` (safetensors) once."""
+    """vLLM on the evaluated model, saved to ``scratch / "model"`` (safetensors; ``scratch`` is a fresh
+    temporary folder per evaluation)."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, scratch: Path, *, dtype: str, seed: int):
         try:
@@ -51,9 +49,8 @@ class VLLMBackend:
             raise ImportError("evaluate.backend=vllm needs vLLM (a CUDA machine): pip install vllm; or use "
                               "evaluate.backend=hf") from None
         path = Path(scratch) / "model"
-        if not (path / "config.json").exists():
-            model.save_pretrained(path)
-            tokenizer.save_pretrained(path)
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
         self.vllm, self.tokenizer = vllm, tokenizer
         self.ends = sorted(_end_ids(tokenizer, model))
         self.llm = vllm.LLM(model=str(path), tokenizer=str(path), dtype=dtype, seed=seed)

@@ -207,10 +207,14 @@ class Attack:
         self.objective = spec.objective or f"harmful_score/{cfg.evaluate.judges[0]}"
         identity = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in ("output_dir", "tracking")}
         self.study = f"attack-{spec.name}-" + stable_hash(
-            identity, {k: (v.model_dump() if isinstance(v, Range) else v) for k, v in spec.space.items()},
+            identity, self.space_dump(),
             spec.epsilon, spec.startup_trials, self.objective, spec.utility, spec.reference)
         self.output_dir = Path(cfg.output_dir)
         self.storage_path = self.output_dir / STUDIES_DIR / f"{self.study}.sqlite"
+
+    def space_dump(self) -> dict[str, Any]:
+        """The search space as plain data (ranges as mappings): hashed into the study name, stored in the DB."""
+        return {k: (v.model_dump() if isinstance(v, Range) else v) for k, v in self.spec.space.items()}
 
     def _runs(self, assigned: dict[str, Any], overrides: list[str] | None = None):
         from alignshield.experiments.grid import expand
@@ -380,7 +384,7 @@ class Attack:
     def describe(self) -> dict[str, Any]:
         """The study as stored in the results database's ``sweeps`` table (``kind: attack``)."""
         return {"kind": "attack", "attack": self.spec.name, "description": self.spec.description,
-                "space": {k: (v.model_dump() if isinstance(v, Range) else v) for k, v in self.spec.space.items()},
+                "space": self.space_dump(),
                 "epsilon": self.spec.epsilon, "trials": self.spec.trials, "objective": self.objective,
                 "utility": self.spec.utility, "reference": self.spec.reference,
                 "defence": {"preset": self._cli["preset"], "config": [str(f) for f in self._cli["files"]],

@@ -19,13 +19,19 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from alignshield import dist
-from alignshield.experiments.grid import (GRIDS_DIR, TOP_KEYS, Axis, Run, Sweep, expand, find_grid, flatten,  # noqa: F401
+from alignshield.experiments.grid import (GRIDS_DIR, TOP_KEYS, Axis, Run, Sweep, expand, find_grid, flatten,
                                           get_dotted, known_grids, load_sweep, matches, parse_filters, restrict,
                                           selector)
-from alignshield.experiments.metadata import environment, git_revision, peak_memory, reset_peak_memory  # noqa: F401
+from alignshield.experiments.metadata import environment, git_revision, peak_memory, reset_peak_memory
 from alignshield.experiments.store import ResultStore, RunRecord
 
 log = logging.getLogger(__name__)
+
+__all__ = [  # this module's own, and the grid language and run metadata it re-exports for callers
+    "Executed", "Outcome", "execute", "run_sweep", "status", "validate",
+    "GRIDS_DIR", "TOP_KEYS", "Axis", "Run", "Sweep", "expand", "find_grid", "flatten", "get_dotted", "known_grids",
+    "load_sweep", "matches", "parse_filters", "restrict", "selector", "environment", "git_revision",
+]
 
 
 # --------------------------------------------------------------------------------- running
