@@ -252,6 +252,23 @@ class RepairConfig(StageConfig):
     The paper presets use the paper's 2000: rows [2200, 4200)."""
 
 
+class LmEvalSettings(Strict):
+    """lm-evaluation-harness settings for the ``lm-eval:TASK`` metrics (evaluate/capability.py)."""
+
+    include_path: str | None = None
+    """A folder of task YAMLs of your own (e.g. on local files), added to lm-eval's tasks."""
+    limit: int | None = Field(None, gt=0)
+    """At most this many examples per task (lm-eval's ``limit``); None: all of them."""
+    num_fewshot: int | None = Field(None, ge=0)
+    """Few-shot examples per prompt; None: each task's own default."""
+    batch_size: int = Field(8, gt=0)
+    """Requests lm-eval scores at once."""
+    apply_chat_template: bool = False
+    """Render the prompts with the tokenizer's chat template (instruction models)."""
+    bootstrap_iters: int = Field(1000, ge=0)
+    """Bootstrap resamples for lm-eval's stderr of non-mean metrics; 0 skips them."""
+
+
 class EvaluateConfig(Strict):
     harmful: Pool = Pool(dataset="beavertails_test", stop=100)
     """Harmful prompts whose answers the judges score (the harmful score)."""
@@ -283,12 +300,16 @@ class EvaluateConfig(Strict):
     max_prompt_tokens: int | None = Field(1024, ge=16)
     """Rendered prompts longer than this are cut from the left (the end of the template, where the
     answer begins, is kept) and counted as ``prompts/truncated``. None: never cut."""
-    metrics: list[Literal["alignment_loss", "harmful_embedding_drift"]] = []
-    """Analysis metrics beyond HS / FA, on the first ``analysis_n`` examples of ``align.data.safety``:
-    ``alignment_loss`` (the evaluated model's loss on them) and ``harmful_embedding_drift`` (mean per-token
-    L2 distance of last-layer hidden states from the aligned model's). See docs/evaluation.md."""
+    metrics: list[str] = []
+    """Metrics beyond HS / FA. Analysis metrics, on the first ``analysis_n`` examples of
+    ``align.data.safety``: ``alignment_loss`` (the evaluated model's loss on them) and
+    ``harmful_embedding_drift`` (mean per-token L2 distance of last-layer hidden states from the aligned
+    model's). Capability metrics: ``lm-eval:TASK`` runs an lm-evaluation-harness task (e.g.
+    ``lm-eval:mmlu``) on the evaluated model in memory, set up by ``lm_eval``. See docs/evaluation.md."""
     analysis_n: int = Field(100, gt=0)
     """Examples of ``align.data.safety`` that the analysis ``metrics`` use."""
+    lm_eval: LmEvalSettings = LmEvalSettings()
+    """How the ``lm-eval:TASK`` metrics run (evaluate/capability.py)."""
 
     @field_validator("judges", "metrics")
     @classmethod
@@ -296,6 +317,18 @@ class EvaluateConfig(Strict):
         repeated = sorted({n for n in names if names.count(n) > 1})
         if repeated:
             raise ValueError(f"listed more than once: {', '.join(repeated)}")
+        return names
+
+    @field_validator("metrics")
+    @classmethod
+    def _known_metrics(cls, names: list[str]) -> list[str]:
+        analysis = ("alignment_loss", "harmful_embedding_drift")
+        for name in names:
+            if name not in analysis and not (name.startswith("lm-eval:") and len(name) > len("lm-eval:")):
+                close = difflib.get_close_matches(name, analysis, n=1)
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+                raise ValueError(f"unknown metric {name!r}.{hint} Known: {', '.join(analysis)}, or "
+                                 "lm-eval:TASK (an lm-evaluation-harness task, e.g. lm-eval:arc_easy)")
         return names
 
     @field_validator("judges")

@@ -81,9 +81,11 @@ def stage_dirs(cfg: RunConfig) -> dict[str, Path]:
 
 
 ADDED_LATER = {"select": lambda section: section.select.method == "random",
-               "backend": lambda section: section.backend == "hf"}
+               "backend": lambda section: section.backend == "hf",
+               "lm_eval": lambda section: section.lm_eval == type(section.lm_eval)()}
 """Fields added after stages were computed, and when they leave the key: ``finetune.select`` when
-the selection is random (its other settings are then unused), ``evaluate.backend`` at ``hf``. So the
+the selection is random (its other settings are then unused), ``evaluate.backend`` at ``hf``,
+``evaluate.lm_eval`` at its defaults. So the
 folders computed before the fields existed stay valid, and equal runs keep one folder."""
 
 
@@ -150,6 +152,7 @@ def validate(cfg: RunConfig, upto: str = "evaluate") -> None:
                                   "itself); launch without torchrun / accelerate launch, or use evaluate.backend=hf")
         for name in cfg.evaluate.judges:
             check_available(name, cfg.evaluate.judge_options.get(name))
+        _check_capability(cfg)
         test_rows = len(task.rows("test"))
         if cfg.evaluate.task_n > test_rows:
             raise ConfigError(f"evaluate.task_n={cfg.evaluate.task_n}, but the {task.name} test split "
@@ -161,6 +164,16 @@ def validate(cfg: RunConfig, upto: str = "evaluate") -> None:
         "repair.calibration": load_pool(cfg.repair.calibration),
         "evaluate.harmful": load_pool(cfg.evaluate.harmful),
     })
+
+
+def _check_capability(cfg: RunConfig) -> None:
+    """The ``lm-eval:TASK`` metrics can run: lm-eval installed, every task known (evaluate/capability.py)."""
+    from alignshield.evaluate.capability import check_tasks, tasks_of
+
+    try:
+        check_tasks(tasks_of(cfg.evaluate.metrics), cfg.evaluate.lm_eval.include_path)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def _check_mix_sizes(cfg: RunConfig, task) -> None:
@@ -367,6 +380,7 @@ def final_model(cfg: RunConfig, final_dir: Path | None = None):
 
 def _evaluate_into(work: Path, cfg: RunConfig, final_dir: Path, dirs: dict[str, Path]) -> None:
     """Generate (or reload the answers saved by an interrupted attempt), judge, write the metrics."""
+    from alignshield.evaluate.capability import capability_metrics, tasks_of
     from alignshield.evaluate.drift import analysis_metrics, reference_states
     from alignshield.evaluate.metrics import generate_answers, judge_samples, ordered
 
@@ -385,6 +399,8 @@ def _evaluate_into(work: Path, cfg: RunConfig, final_dir: Path, dirs: dict[str, 
         model, tokenizer = final_model(cfg, final_dir)
         metrics, samples = generate_answers(model, tokenizer, cfg, scratch=work)
         metrics |= analysis_metrics(model, tokenizer, cfg, reference)
+        metrics |= capability_metrics(model, tokenizer, tasks_of(cfg.evaluate.metrics), cfg.evaluate.lm_eval,
+                                      seed=cfg.seed)
         del model, reference
         _release_memory()
         spent = time.perf_counter() - t0

@@ -128,9 +128,9 @@ def reference_states(aligned: torch.nn.Module, tokenizer, cfg: RunConfig) -> lis
 
 def analysis_metrics(model: torch.nn.Module, tokenizer, cfg: RunConfig,
                      reference: list[torch.Tensor] | None = None) -> dict[str, float | int]:
-    """The metrics named in ``evaluate.metrics`` for the evaluated ``model``; ``reference`` holds the
+    """The analysis metrics named in ``evaluate.metrics`` for the evaluated ``model``; ``reference`` holds the
     aligned model's states (``reference_states``) and is required for ``harmful_embedding_drift``."""
-    wanted = list(cfg.evaluate.metrics)
+    wanted = [m for m in cfg.evaluate.metrics if m in ANALYSIS_METRICS]
     if not wanted:
         return {}
     drift = "harmful_embedding_drift" in wanted

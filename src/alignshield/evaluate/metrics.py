@@ -35,7 +35,7 @@ from alignshield.tasks import TASKS
 # metrics.json key order: headline numbers first
 _ORDER = ("harmful_prompts", "harmful_score/", "ci95/", "outcome/", "answers/", "agreement/", "finetune_accuracy/",
           "task_examples",
-          "task_answers/", "alignment_loss", "harmful_embedding_drift", "analysis/", "prompts/")
+          "task_answers/", "alignment_loss", "harmful_embedding_drift", "analysis/", "lm_eval/", "prompts/")
 
 
 def generate_answers(model: torch.nn.Module, tokenizer, cfg: RunConfig,
