@@ -85,6 +85,23 @@ def test_explain_section_lists_fields():
     assert any(line.split()[:1] == ["refresh_every"] for line in params.output.splitlines())
 
 
+def test_explain_judge_options():
+    section = explain("evaluate.judge_options.embedded", "evaluate.judge_options.embedded.batch_size=8")
+    assert section.exit_code == 0, section.output
+    assert section.output.startswith("evaluate.judge_options.embedded (parameters of judge 'embedded': EmbeddedParams)")
+    rows = {line.split()[0]: line for line in section.output.splitlines() if line.startswith("  ") and line.split()}
+    assert "8" in rows["batch_size"].split() and "Harmful probability" in rows["threshold"]
+    field = explain("evaluate.judge_options.embedded.threshold")
+    assert field.exit_code == 0, field.output
+    assert "evaluate.judge_options.embedded.threshold (a parameter of judge 'embedded')" in field.output
+    assert "type:    float | None, >= 0 and <= 1" in field.output and "default: null" in field.output
+    unset = explain("evaluate.judge_options.hf-classifier")  # its required options unset: the fields' own defaults
+    assert unset.exit_code == 0 and "(required)" in unset.output
+    typo = explain("evaluate.judge_options.embedded.treshold")
+    assert typo.exit_code == 2 and "(a parameter of judge 'embedded'); did you mean 'threshold'?" in flat(typo)
+    assert explain("evaluate.judge_options.nojudge").exit_code == 2
+
+
 def test_explain_unknown_field_suggests():
     result = explain("finetune.trian.learning_rate")
     assert result.exit_code == 2

@@ -222,9 +222,13 @@ def test_run_with_two_judges_reports_agreement_and_analysis(tiny_model_dir, tmp_
     assert metrics[f"{pair}/percent"] == round(percent_agreement(*flags.values()), 2)
 
 
-def test_bad_judge_options_fail_before_any_training(tiny_model_dir, tmp_path):
-    cfg = e2e_cfg(tiny_model_dir, tmp_path, "evaluate.judge_options.keyword.min_word=3")
-    with pytest.raises(ConfigError, match="Did you mean 'min_words'"):
+@pytest.mark.parametrize("option, error", [
+    ("evaluate.judge_options.keyword.min_word=3", "Did you mean 'min_words'"),
+    ("evaluate.judge_options.embedded.threshold=1.5", "judge_options.embedded.threshold: .*less than or equal"),
+])
+def test_bad_judge_options_fail_before_any_training(tiny_model_dir, tmp_path, option, error):
+    cfg = e2e_cfg(tiny_model_dir, tmp_path, "evaluate.judges=[embedded,keyword]", option)
+    with pytest.raises(ConfigError, match=error):
         stages.run(cfg)
     assert not (tmp_path / "align").exists()
 

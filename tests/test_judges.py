@@ -8,11 +8,15 @@ model flag exactly the answers we choose.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
-from alignshield.config import ConfigError
-from alignshield.evaluate.judges import JUDGES, JudgeLoadError, check_available, make_judge
+from alignshield.config import ConfigError, load_config
+from alignshield.evaluate.judges import (
+    JUDGES, JudgeLoadError, JudgeParams, check_available, judge_version, make_judge, option_names,
+)
 from alignshield.evaluate.judges.beaverdam import CATEGORIES, beaverdam_text
 from alignshield.evaluate.judges.guards import DUOGUARD_CATEGORIES
 
@@ -99,6 +103,72 @@ def test_registry_lists_every_judge():
 def test_unknown_option_is_a_config_error_with_suggestion():
     with pytest.raises(ConfigError, match=r"judge_options.keyword: unknown option\(s\) 'min_word'.*'min_words'"):
         make_judge("keyword", {"min_word": 3})
+    with pytest.raises(ConfigError, match=r"'treshold' for judge 'embedded'. Did you mean 'threshold'\? "
+                                          r"Its options: threshold, batch_size, weights, device, max_length"):
+        check_available("embedded", {"treshold": 0.4})
+
+
+# ------------------------------------------------------------------------------------ options (Params)
+
+
+def test_every_judge_has_documented_params_that_are_its_options():
+    for name in JUDGES.names():
+        params = JUDGES.get(name).Params
+        assert issubclass(params, JudgeParams), name
+        assert option_names(name) == list(params.model_fields), name
+        assert all(field.description for field in params.model_fields.values()), name
+        if name != "hf-classifier":  # the one judge with required options (its model and rule)
+            params()
+
+
+@pytest.mark.parametrize("name, options, field, problem", [
+    ("embedded", {"threshold": 1.5}, "threshold", "less than or equal to 1"),
+    ("beaverdam", {"threshold": -0.1}, "threshold", "greater than or equal to 0"),
+    ("hf-classifier", {"model": "m", "label_index": 1, "threshold": 2}, "threshold", "less than or equal to 1"),
+    ("duoguard", {"threshold": "high"}, "threshold", "valid number"),
+    ("keyword", {"min_words": "many"}, "min_words", "valid integer"),
+    ("llamaguard", {"batch_size": 0}, "batch_size", "greater than or equal to 1"),
+    ("llamaguard", {"content": "html"}, "content", "'auto', 'text' or 'parts'"),
+    ("qwen3guard", {"strict": "sometimes"}, "strict", "valid boolean"),
+    ("harmaug-guard", {"dtype": "float8"}, "dtype", "'auto', 'float32', 'bfloat16' or 'float16'"),
+])
+def test_bad_option_is_a_config_error_naming_judge_and_field_before_loading(name, options, field, problem,
+                                                                              monkeypatch):
+    judge = JUDGES.get(name)
+    monkeypatch.setattr(judge, "__init__", lambda *a, **k: pytest.fail("the judge loaded"))
+    if hasattr(judge, "check_available"):
+        monkeypatch.setattr(judge, "check_available", lambda *a: pytest.fail("checked its files"))
+    pattern = rf"evaluate\.judge_options\.{re.escape(name)}\.{field}: .*{re.escape(problem)}.*\(judge '{name}'\)"
+    with pytest.raises(ConfigError, match=pattern):
+        check_available(name, options)
+    with pytest.raises(ConfigError, match=pattern):
+        make_judge(name, options)
+
+
+def test_judges_take_params_or_keyword_options():
+    from alignshield.evaluate.judges.keyword import KeywordJudge, KeywordParams
+
+    by_keyword, by_params = KeywordJudge(min_words=2), KeywordJudge(KeywordParams(min_words=2))
+    assert by_keyword.params == by_params.params == make_judge("keyword", {"min_words": 2}).params
+    assert by_keyword.gate.min_words == 2 and KeywordJudge().gate.min_words == 4
+    assert KeywordJudge().params == KeywordParams() and KeywordJudge({"min_words": 2}).params == by_params.params
+    with pytest.raises(ConfigError, match="judge_options.keyword.*Did you mean 'min_words'"):
+        KeywordJudge(min_word=2)
+    with pytest.raises(TypeError, match="not both"):
+        KeywordJudge(KeywordParams(), min_words=2)
+
+
+def test_the_stage_key_holds_judge_options_as_given():
+    # the options are validated, but what the evaluation's key hashes is unchanged: the options as
+    # written ({} stays {}) and the judges' versions (the embedded judge's weights digest)
+    cfg = load_config(overrides=["evaluate.judge_options={keyword: {min_words: 4}}"])
+    assert load_config().evaluate.judge_options == {}
+    assert cfg.evaluate.judge_options == {"keyword": {"min_words": 4}}
+    assert judge_version("keyword") == judge_version("keyword", {"min_word": 1}) == "2"  # a constant: unchecked
+    assert judge_version("embedded") == judge_version("embedded", {"threshold": 0.2, "batch_size": 4})
+    assert len(judge_version("embedded")) == 16
+    with pytest.raises(ConfigError, match="embedded.threshold"):
+        judge_version("embedded", {"threshold": 3})
 
 
 # ------------------------------------------------------------------------------------ beaverdam
@@ -243,10 +313,14 @@ def test_hf_classifier_label_index_threshold_and_pair_input(safe_unsafe_classifi
 
 
 def test_hf_classifier_mapping_errors(safe_unsafe_classifier):
-    with pytest.raises(JudgeLoadError, match="needs option `model`"):
-        make_judge("hf-classifier")
-    with pytest.raises(JudgeLoadError, match="exactly one of `flagged_labels`"):
+    # a missing model or rule is a config error, found before anything loads
+    with pytest.raises(ConfigError, match=r"judge_options.hf-classifier.model: Field required"):
+        check_available("hf-classifier")
+    with pytest.raises(ConfigError, match="judge_options.hf-classifier: needs exactly one of `flagged_labels`"):
         make_judge("hf-classifier", {"model": safe_unsafe_classifier})
+    with pytest.raises(ConfigError, match="needs exactly one of"):
+        check_available("hf-classifier", {"model": safe_unsafe_classifier, "flagged_labels": ["unsafe"],
+                                          "label_index": 1})
     with pytest.raises(JudgeLoadError, match="must name some of the model's labels: safe, unsafe"):
         make_judge("hf-classifier", {"model": safe_unsafe_classifier, "flagged_labels": ["toxic"],
                                      "device": "cpu"})

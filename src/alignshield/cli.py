@@ -182,7 +182,8 @@ def explain_command(
     """What a config field means: its type, its value in the resolved config and its description.
 
     A section (e.g. finetune.train) lists its fields; <stage>.params.X is a parameter of the stage's configured
-    method (e.g. alignshield explain align.params.rho align.method=vaccine)."""
+    method (e.g. alignshield explain align.params.rho align.method=vaccine); evaluate.judge_options.JUDGE.X an
+    option of a judge (e.g. alignshield explain evaluate.judge_options.embedded)."""
     _guarded(lambda: sys.stdout.write(explain(field, _config(config, preset, quick, overrides))))
 
 
@@ -196,7 +197,7 @@ def explain(field: str, cfg: RunConfig) -> str:
     info, owner = path[-1] if path else (None, None)
     if isinstance(value, BaseModel) or (value is None and _submodel(info) is not None):
         return _explain_section(name or "RunConfig: the whole config", model, value, owner, cfg)
-    params_of = _params_owner(name.split(".")[:2], cfg) if name.count(".") == 2 else None
+    params_of = _params_owner(name.split(".")[:-1], cfg)
     lines = [name + (f" (a parameter of {params_of})" if params_of else ""), f"  type:    {_type_name(info)}",
              f"  default: {_show(value)}"]
     own = _field_default(info)
@@ -208,7 +209,9 @@ def explain(field: str, cfg: RunConfig) -> str:
 
 def _walk(name: str, cfg: RunConfig):
     """(model class or None, value, [(FieldInfo, owning class), ...]) at the end of the dotted ``name``."""
-    from alignshield.config import StageConfig, unknown_key_hint
+    from pydantic.fields import FieldInfo
+
+    from alignshield.config import EvaluateConfig, StageConfig, unknown_key_hint
 
     model: type[BaseModel] = RunConfig
     value: object = cfg
@@ -220,6 +223,11 @@ def _walk(name: str, cfg: RunConfig):
             params_cls = _method_params(done[0], value.method)
             path.append((model.model_fields["params"], model))
             model, value = params_cls, params_cls(**value.params)
+            done.append(part)
+            continue
+        if done == ["evaluate", "judge_options"]:  # a judge's options: its Params class
+            model, value = _judge_params(part, value.get(part))
+            path.append((FieldInfo.from_annotation(model), EvaluateConfig))
             done.append(part)
             continue
         if model is None or not (isinstance(value, BaseModel) or value is None):
@@ -248,24 +256,43 @@ def _method_params(stage: str, method: str) -> type[BaseModel]:
     return METHOD_REGISTRIES[stage].get(method).Params
 
 
+def _judge_params(judge: str, options: dict | None) -> tuple[type[BaseModel], BaseModel | None]:
+    """The judge's Params class and its configured options, validated (None when they do not validate,
+    e.g. a required option unset: the fields' own defaults are shown)."""
+    from alignshield.evaluate.judges import params_class
+    from alignshield.evaluate.judges.base import validate_params
+
+    cls = params_class(judge)
+    if cls is None:
+        raise ConfigError(f"judge {judge!r} declares no options class (Params)")
+    try:
+        return cls, validate_params(judge, cls, options)
+    except ConfigError:
+        return cls, None
+
+
 def _params_owner(done: list[str], cfg: RunConfig) -> str | None:
-    """``align method 'vaccine'`` when ``done`` is ``[align, params]``, else None."""
+    """``align method 'vaccine'`` when ``done`` is ``[align, params]``, ``judge 'keyword'`` when it is
+    ``[evaluate, judge_options, keyword]``, else None."""
     if len(done) == 2 and done[0] in _METHOD_STAGES and done[1] == "params":
         return f"{done[0]} method {getattr(cfg, done[0]).method!r}"
+    if len(done) == 3 and done[:2] == ["evaluate", "judge_options"]:
+        return f"judge {done[2]!r}"
     return None
 
 
 def _explain_section(name: str, section: type[BaseModel], value, owner, cfg: RunConfig) -> str:
     from alignshield.config import MethodParams
+    from alignshield.evaluate.judges.base import JudgeParams
 
     params_of = _params_owner(name.split("."), cfg)
     title = f"{name} (parameters of {params_of}: {section.__name__})" if params_of else f"{name} ({section.__name__})"
     if params_of:  # the method's Params class says what they are (MethodParams itself: no parameters)
-        doc = section.__doc__ if section is not MethodParams else None
+        doc = section.__doc__ if section not in (MethodParams, JudgeParams) else None
     else:
         doc = (_description(owner, name.rsplit(".", 1)[-1]) if owner is not None else None) or section.__doc__
     lines = [title, *(_indent(_clean(doc)) if doc else [])]
-    if value is None:
+    if value is None and not params_of:
         lines.append(f"  default: null (unset; when set, a {section.__name__} with these fields)")
     if not section.model_fields:
         return "\n".join([*lines, "  (no parameters)" if params_of else "  (no fields)"]) + "\n"
@@ -273,6 +300,7 @@ def _explain_section(name: str, section: type[BaseModel], value, owner, cfg: Run
     for key, sub in section.model_fields.items():
         sub_value = getattr(value, key) if value is not None else _field_default(sub)
         shown = "(section)" if isinstance(sub_value, BaseModel) or _is_params(section, key) else _show(sub_value)
+        shown = shown if len(shown) <= 40 else shown[:39] + "…"  # a long list: in full with FIELD
         rows.append((key, _type_name(sub), shown, _one_line(_description(section, key))))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     lines.append("")

@@ -278,7 +278,8 @@ class EvaluateConfig(Strict):
     """Harmfulness judges (``alignshield list``); the first one gives the headline harmful score. With two
     or more, every pair's agreement (Cohen's kappa, percent) is reported too."""
     judge_options: dict[str, dict[str, Any]] = {}
-    """Keyword arguments per judge, e.g. ``{keyword: {min_words: 3}}``."""
+    """Options per judge, e.g. ``{keyword: {min_words: 3}}``: the judge's ``Params``, checked before any
+    compute (``alignshield explain evaluate.judge_options.<judge>``)."""
     coherence_gate: bool = True
     """Never count an incoherent answer (empty, a word or two, a repetition loop; evaluate/coherence.py)
     as harm, whatever the judge says; the outcome shares report such answers apart."""

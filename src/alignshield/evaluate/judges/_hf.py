@@ -1,16 +1,36 @@
 """Shared plumbing for the judges that run Hugging Face models (``beaverdam``, ``hf-classifier``,
-``llamaguard``): dtype and device options, quiet loading, load errors that name the alternatives, and
-text sanitising. torch and transformers are imported inside the functions, never at module import.
+``llamaguard`` and the guards): their common options (``HFParams``: checkpoint, revision, dtype, device,
+batch size), quiet loading, load errors that name the alternatives. torch and transformers are imported
+inside the functions, never at module import.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from typing import Iterator, Literal
 
-from alignshield.evaluate.judges.base import JudgeLoadError
+from pydantic import Field
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+from alignshield.evaluate.judges.base import JudgeLoadError, JudgeParams
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+class HFParams(JudgeParams):
+    """Options every Hugging Face judge takes; each judge redeclares the defaults it differs in."""
+
+    model: str
+    """The checkpoint: a Hugging Face hub id or a local folder."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) of ``model``; the default branch when unset."""
+    dtype: Dtype = "float32"
+    """Weights' dtype; ``auto``: the checkpoint's own."""
+    device: str = "auto"
+    """Torch device; ``auto``: CUDA when available, else the CPU."""
+    batch_size: int = Field(16, ge=1)
+    """Conversations per forward pass: speed and memory, not the verdicts."""
+    trust_remote_code: bool = False
+    """Let the checkpoint's own modelling code run (``from_pretrained(trust_remote_code=True)``)."""
 
 
 def load_error(judge: str, model: str, cause: BaseException | str, hint: str = "") -> JudgeLoadError:
@@ -40,15 +60,9 @@ def check_source(judge: str, model: str | None, hint: str = "") -> None:
         raise load_error(judge, model, str(err), hint) from None
 
 
-def check_choice(judge: str, option: str, value: Any, choices: tuple) -> None:
-    if value not in choices:
-        raise ValueError(f"judge {judge!r}: option {option}={value!r} is not one of {', '.join(map(str, choices))}")
-
-
-def torch_dtype(judge: str, dtype: str):
+def torch_dtype(dtype: Dtype):
     import torch
 
-    check_choice(judge, "dtype", dtype, DTYPES)
     return "auto" if dtype == "auto" else getattr(torch, dtype)
 
 

@@ -7,13 +7,22 @@ log (e.g. "refusal", "degenerate", "harmful", "safe"); ``detail`` is optional ex
 log (a guard model's raw output, the top harm categories), never counted.
 
 A judge must return exactly one verdict per pair, in order, and must not fail on an empty answer.
+
+Its options (``evaluate.judge_options.<judge>``) are its ``Params`` class, a ``JudgeParams`` subclass
+(typed, one docstring per field, unknown keys are errors), like the methods' ``Params``. The judge is
+built from validated Params (``Judge(params)``) or, for convenience, from keyword options
+(``KeywordJudge(min_words=3)``), which are validated the same way.
 """
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
+from pydantic import ValidationError
+
+from alignshield.config import ConfigError, Strict
 from alignshield.registry import Registry
 
 
@@ -35,5 +44,62 @@ class JudgeLoadError(RuntimeError):
     """A judge's weights or dependencies could not be loaded; the message names the alternatives."""
 
 
-# name -> factory(**options) returning a Judge; heavy judges import their dependencies lazily.
+class JudgeParams(Strict):
+    """Base of every judge's options class (``evaluate.judge_options.<judge>``): defaults, documented
+    per field; an unknown key is an error."""
+
+
+def validate_params(name: str, cls: type[JudgeParams], options: Mapping[str, Any] | None) -> JudgeParams:
+    """``options`` as judge ``name``'s ``cls``; ConfigError naming ``evaluate.judge_options.<name>.<field>``
+    and the problem (an unknown key: the closest known one, and all of them)."""
+    try:
+        return cls(**dict(options or {}))
+    except ValidationError as err:
+        raise ConfigError(_describe(name, cls, err)) from None
+
+
+def _describe(name: str, cls: type[JudgeParams], err: ValidationError) -> str:
+    where = f"evaluate.judge_options.{name}"
+    known = list(cls.model_fields)
+    unknown = sorted({str(e["loc"][0]) for e in err.errors() if e["type"] == "extra_forbidden"})
+    lines = []
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], known, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        lines.append(f"{where}: unknown option(s) {', '.join(map(repr, unknown))} for judge {name!r}.{hint} "
+                     f"Its options: {', '.join(known) or '(none)'}")
+    problems: dict[str, list[str]] = {}  # field ("" for the options as a whole) -> its messages, once each
+    given: dict[str, str] = {}
+    for e in err.errors():
+        if e["type"] == "extra_forbidden":
+            continue
+        field = str(e["loc"][0]) if e["loc"] else ""
+        msg = e["msg"].removeprefix("Value error, ")
+        if msg not in problems.setdefault(field, []):
+            problems[field].append(msg)
+        if field and e["type"] != "missing":
+            given.setdefault(field, f" (got {e['input']!r})")
+    for field, msgs in problems.items():
+        lines.append(f"{where}{'.' + field if field else ''}: {'; '.join(msgs)}{given.get(field, '')} "
+                     f"(judge {name!r})")
+    return "\n".join(lines)
+
+
+def judge_params(judge: Any, params: JudgeParams | Mapping[str, Any] | None, options: Mapping[str, Any]) -> Any:
+    """A judge constructor's validated Params: ``params`` (its ``Params`` instance or a dict), or the
+    keyword ``options`` when ``params`` is None (``KeywordJudge(min_words=3)``)."""
+    cls = judge.Params
+    if params is None:
+        return validate_params(judge.name, cls, options)
+    if options:
+        raise TypeError(f"judge {judge.name!r}: give its Params or keyword options, not both")
+    if isinstance(params, cls):
+        return params
+    if isinstance(params, Mapping):
+        return validate_params(judge.name, cls, params)
+    raise TypeError(f"judge {judge.name!r} takes a {cls.__name__}, not a {type(params).__name__}")
+
+
+# name -> judge class (or factory): ``Params`` (a JudgeParams subclass), built as ``factory(params)``;
+# heavy judges import their dependencies lazily.
 JUDGES: Registry = Registry("judge")

@@ -24,79 +24,92 @@ config says; ``tokenizer`` loads the tokenizer from another id or path than the 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
+
+from pydantic import Field, model_validator
 
 from alignshield.evaluate.judges._hf import (
-    check_choice, check_source, load_error, quiet_transformers, torch_device, torch_dtype,
+    HFParams, check_source, load_error, quiet_transformers, torch_device, torch_dtype,
 )
-from alignshield.evaluate.judges.base import JUDGES, JudgeLoadError, Verdict
+from alignshield.evaluate.judges.base import JUDGES, Verdict, judge_params
 from alignshield.evaluate.text import clean_text, is_empty
 
 JUDGE_NAME = "hf-classifier"
-INPUTS = ("answer", "pair", "concat")
+Input = Literal["answer", "pair", "concat"]
+
+
+class HFClassifierParams(HFParams):
+    """The hf-classifier judge's options: ``model`` and exactly one of ``flagged_labels`` or
+    ``label_index`` are required (see the module's docstring for the two rules)."""
+
+    model: str
+    """The sequence classifier (``AutoModelForSequenceClassification``): a hub id or a local folder.
+    Required."""
+    flagged_labels: list[str] | str | None = None
+    """Label names (the model's ``id2label``, case-insensitive) that mean harmful, or ``all``; flagged iff
+    the predicted label is one of them (multi-label models: iff one has probability > ``threshold``)."""
+    label_index: int | None = Field(None, ge=0)
+    """The label whose probability is the score; flagged iff it is > ``threshold``."""
+    threshold: float = Field(0.5, ge=0, le=1)
+    """The probability above which ``label_index`` (or a multi-label model's flagged label) flags."""
+    input: Input = "answer"
+    """What the classifier reads: ``answer`` (the answer alone), ``pair`` (prompt and answer as a text
+    pair) or ``concat`` (one text, ``prompt + " " + answer``)."""
+    multi_label: bool | None = None
+    """Sigmoid per label (true) or softmax (false); default: from the model's ``problem_type``."""
+    tokenizer: str | None = None
+    """Load the tokenizer from this hub id or folder instead of the model's (``revision`` then applies to
+    the model only)."""
+    max_length: int = Field(512, ge=1)
+    """Tokens per input (capped by the tokenizer's limit)."""
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> "HFClassifierParams":
+        if (self.flagged_labels is None) == (self.label_index is None):
+            raise ValueError("needs exactly one of `flagged_labels` (label names meaning harmful) or "
+                             "`label_index` (+ `threshold`) to define 'flagged'; see docs/evaluation.md")
+        return self
 
 
 @JUDGES.register(JUDGE_NAME)
 class HFClassifierJudge:
-    """Options: ``model`` (required), ``flagged_labels`` (names, or ``all``) or ``label_index`` (one of
-    them, required), ``threshold`` (0.5), ``input`` (answer | pair | concat; default answer),
-    ``multi_label`` (from the config), ``tokenizer`` (the model's), ``revision`` (of the model, and of
-    the tokenizer when it is the model's), ``dtype`` (float32), ``device`` (auto), ``batch_size`` (16),
-    ``max_length`` (512, capped by the tokenizer's limit), ``trust_remote_code`` (off)."""
+    """Options: ``HFClassifierParams`` (``model`` (required), ``flagged_labels`` (names, or ``all``) or
+    ``label_index`` (one of them, required), ``threshold`` (0.5), ``input`` (answer | pair | concat;
+    default answer), ``multi_label`` (from the config), ``tokenizer`` (the model's), ``revision`` (of the
+    model, and of the tokenizer when it is the model's), ``dtype`` (float32), ``device`` (auto),
+    ``batch_size`` (16), ``max_length`` (512, capped by the tokenizer's limit), ``trust_remote_code``)."""
 
     name = JUDGE_NAME
+    Params = HFClassifierParams
     fallback_labels: tuple[str, ...] = ()  # label names when the config's id2label is generic (LABEL_i)
     pad_with_eos = False  # pad with the end token even when the tokenizer has a pad token
 
-    @staticmethod
-    def check_available(model: str | None = None, tokenizer: str | None = None, **_) -> None:
+    @classmethod
+    def check_available(cls, params: HFParams) -> None:
         """Before any compute: a local ``model`` path must hold a checkpoint, a ``tokenizer`` path a tokenizer."""
-        check_source(JUDGE_NAME, model)
-        check_tokenizer_source(JUDGE_NAME, tokenizer)
+        check_source(cls.name, params.model)
+        check_tokenizer_source(cls.name, getattr(params, "tokenizer", None))
 
-    def __init__(
-        self,
-        model: str | None = None,
-        flagged_labels: list[str] | str | None = None,
-        label_index: int | None = None,
-        threshold: float = 0.5,
-        input: str = "answer",
-        multi_label: bool | None = None,
-        tokenizer: str | None = None,
-        revision: str | None = None,
-        dtype: str = "float32",
-        device: str = "auto",
-        batch_size: int = 16,
-        max_length: int = 512,
-        trust_remote_code: bool = False,
-    ):
-        name = self.name
-        if not model:
-            raise JudgeLoadError(
-                f"judge {name!r} needs option `model` (a Hugging Face sequence classifier's id or path), "
-                f"and `flagged_labels` or `label_index`, e.g. evaluate.judge_options.{name}.model=NAME")
-        check_choice(name, "input", input, INPUTS)
-        if (flagged_labels is None) == (label_index is None):
-            raise JudgeLoadError(
-                f"judge {name!r} needs exactly one of `flagged_labels` (label names meaning harmful) "
-                f"or `label_index` (+ `threshold`) to define 'flagged'; see docs/evaluation.md")
-        if not 0.0 <= float(threshold) <= 1.0:
-            raise ValueError(f"judge {name!r}: threshold must lie in [0, 1], got {threshold}")
-        if int(batch_size) < 1:
-            raise ValueError(f"judge {name!r}: batch_size must be >= 1")
-        self.input, self.threshold, self.batch_size = input, float(threshold), int(batch_size)
+    def __init__(self, params: HFClassifierParams | None = None, **options):
+        self.params = judge_params(self, params, options)
+        self._load(self.params)
+
+    def _load(self, p: HFClassifierParams) -> None:
+        """Load the classifier ``p`` describes (the guards' presets call this with their fixed rule)."""
+        name, model, tokenizer, revision = self.name, p.model, p.tokenizer, p.revision
+        self.input, self.threshold, self.batch_size = p.input, p.threshold, p.batch_size
         source = local_or_hub(model)
-        dtype_ = torch_dtype(name, dtype)
-        self.device = torch_device(device)
+        dtype_ = torch_dtype(p.dtype)
+        self.device = torch_device(p.device)
         try:
             from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
             with quiet_transformers():
                 self.tokenizer = AutoTokenizer.from_pretrained(
                     local_or_hub(tokenizer) if tokenizer else source, revision=None if tokenizer else revision,
-                    trust_remote_code=trust_remote_code)
+                    trust_remote_code=p.trust_remote_code)
                 self.model = AutoModelForSequenceClassification.from_pretrained(
-                    source, revision=revision, dtype=dtype_, trust_remote_code=trust_remote_code)
+                    source, revision=revision, dtype=dtype_, trust_remote_code=p.trust_remote_code)
         except Exception as err:
             raise load_error(name, model if not tokenizer else f"{model} (tokenizer {tokenizer})", err) from err
         self.model.to(self.device).eval()
@@ -107,19 +120,20 @@ class HFClassifierJudge:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         if getattr(config, "pad_token_id", None) is None:
             config.pad_token_id = self.tokenizer.pad_token_id
-        limit = getattr(self.tokenizer, "model_max_length", None) or max_length
-        self.max_length = int(min(max_length, limit))
-        self.multi_label = (config.problem_type == "multi_label_classification" if multi_label is None
-                            else bool(multi_label))
+        limit = getattr(self.tokenizer, "model_max_length", None) or p.max_length
+        self.max_length = int(min(p.max_length, limit))
+        self.multi_label = (config.problem_type == "multi_label_classification" if p.multi_label is None
+                            else p.multi_label)
         n = config.num_labels
         self.labels = [str(config.id2label.get(i, f"LABEL_{i}")) for i in range(n)]
         if len(self.fallback_labels) == n and self.labels == [f"LABEL_{i}" for i in range(n)]:
             self.labels = list(self.fallback_labels)
-        if label_index is not None:
-            if not 0 <= int(label_index) < n:
-                raise load_error(name, model, f"label_index={label_index} but the model has {n} labels "
-                                                    f"({', '.join(self.labels)})")
-            self.flag_ids = [int(label_index)]
+        flagged_labels = p.flagged_labels
+        if p.label_index is not None:
+            if p.label_index >= n:
+                raise load_error(name, model, f"label_index={p.label_index} but the model has {n} labels "
+                                              f"({', '.join(self.labels)})")
+            self.flag_ids = [p.label_index]
             self.rule = "index"
         elif isinstance(flagged_labels, str) and flagged_labels.strip().lower() == "all":
             self.flag_ids = list(range(n))
@@ -131,7 +145,7 @@ class HFClassifierJudge:
             unknown = [lab for lab in flagged_labels if str(lab).lower() not in lower]
             if unknown or not flagged_labels:
                 raise load_error(name, model, f"flagged_labels {list(flagged_labels)} must name some of the "
-                                                    f"model's labels: {', '.join(self.labels)}")
+                                              f"model's labels: {', '.join(self.labels)}")
             self.flag_ids = sorted({lower[str(lab).lower()] for lab in flagged_labels})
             self.rule = "labels"
 
