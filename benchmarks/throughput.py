@@ -12,8 +12,10 @@ projections, as the embedded default trains it):
   MLP shape, measured before and after the rest, the best kept), torch's threads as configured.
 * **training**: the same examples trained twice with ``alignshield.train.Trainer``: once as the
   embedded default does (``train.group_by_length``, ``train.sparse_logits`` and ``train.share_prefix``
-  on), once with all three off (the baseline: shuffled batches, full-vocabulary logits at every
-  position, every row's prompt computed in full). Each variant trains one
+  on, and the attention kernel this machine resolves to: ``eager`` where it measured faster than
+  ``sdpa``, models/hardware.py), once with all of them off (the baseline: shuffled batches,
+  full-vocabulary logits at every position, every row's prompt computed in full, transformers'
+  default ``sdpa`` attention). Each variant trains one
   window of examples, ``--steps`` batches of 8 of the align stage's data (``align.data.safety`` +
   ``align.data.benign``, max_length 128) and of the fine-tune mix (SST-2 with p = 0.1 harmful), so
   both do the same work but batch it differently. ``speedup_vs_baseline`` is the baseline's time over
@@ -81,8 +83,17 @@ def flops_per_token(model, seq_len: float) -> dict[str, float]:
     return {"decoder": decoder, "head": head}
 
 
-def time_training(model, initial: dict, data: list, optimized: bool, seed: int) -> dict:
-    """Train ``data`` once (one window, batch 8) from the same initial LoRA; seconds and token counts."""
+BASELINE_ATTENTION = "sdpa"  # transformers' default, before alignshield chose the kernel per machine
+
+
+def set_attention(model, implementation: str) -> None:
+    core = model.get_base_model() if hasattr(model, "get_base_model") else model
+    core.set_attn_implementation(implementation)
+
+
+def time_training(model, initial: dict, data: list, optimized: bool, seed: int, attention: str) -> dict:
+    """Train ``data`` once (one window, batch 8) from the same initial LoRA; seconds and token counts.
+    ``attention``: the optimized variant's kernel (the baseline uses ``BASELINE_ATTENTION``)."""
     import torch
 
     from alignshield.config import TrainSettings
@@ -92,6 +103,7 @@ def time_training(model, initial: dict, data: list, optimized: bool, seed: int) 
         for name, p in model.named_parameters():
             if name in initial:
                 p.copy_(initial[name])
+    set_attention(model, attention if optimized else BASELINE_ATTENTION)
     steps = len(data) // 8
     args = TrainSettings(learning_rate=1e-4, max_steps=steps, batch_size=8, max_length=128, checkpoint_every=10**6,
                          group_by_length=optimized, sparse_logits=optimized, share_prefix=optimized)
@@ -118,7 +130,7 @@ def _batch_indices(trainer, steps: int) -> list[list[int]]:
     return [order[i * 8:(i + 1) * 8] for i in range(steps)]
 
 
-def time_generation(model, tokenizer, cfg, n_prompts: int) -> dict:
+def time_generation(model, tokenizer, cfg, n_prompts: int, attention: str) -> dict:
     """The evaluation's generation (harmful prompts with ``evaluate.max_new_tokens``, then twice as
     many SST-2 test prompts), as the embedded default runs it (shared prefixes, batch
     ``evaluate.batch_size``) and as before this benchmark's changes (no sharing, batch 32)."""
@@ -134,6 +146,7 @@ def time_generation(model, tokenizer, cfg, n_prompts: int) -> dict:
     generate_batch(model, tokenizer, harmful[:2], max_new_tokens=4, batch_size=2, progress=False)  # warm-up
     out = {}
     for variant, batch, share in (("optimized", cfg.evaluate.batch_size, True), ("baseline", 32, False)):
+        set_attention(model, attention if variant == "optimized" else BASELINE_ATTENTION)
         t0 = time.perf_counter()
         h = generate_batch(model, tokenizer, harmful, max_new_tokens=cfg.evaluate.max_new_tokens, batch_size=batch,
                            share_prefix=share, progress=False)
@@ -142,7 +155,7 @@ def time_generation(model, tokenizer, cfg, n_prompts: int) -> dict:
                        share_prefix=share, progress=False)
         out[variant] = {"seconds": round(time.perf_counter() - t0, 2), "harmful_seconds": round(h_s, 2),
                         "harmful_tokens_per_s": round(sum(h.new_tokens) / h_s, 1), "batch_size": batch,
-                        "share_prefix": share}
+                        "share_prefix": share, "attention": model.config._attn_implementation}
     out |= {"harmful_prompts": len(harmful), "sst2_prompts": len(sst2), "max_new_tokens": cfg.evaluate.max_new_tokens}
     return out
 
@@ -184,16 +197,17 @@ def worker_steps(dtype: str) -> None:
     import torch
 
     from alignshield.config import load_config
-    from alignshield.models.load import load_model, load_tokenizer
+    from alignshield.models.load import load_model, load_tokenizer, resolve_attention
     from alignshield.models.lora import attach_lora
 
     cfg = load_config(overrides=[f"model.dtype={dtype}"])
+    attention = resolve_attention(cfg.model) or BASELINE_ATTENTION
     tokenizer = load_tokenizer(cfg.model)
     model = attach_lora(load_model(cfg.model), cfg.finetune.lora)
     data = load_data(cfg, tokenizer, 40)["finetune"]
     initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    time_training(model, initial, data[:8], True, 0)  # warm-up
-    r = time_training(model, initial, data[8:40], True, 0)
+    time_training(model, initial, data[:8], True, 0, attention)  # warm-up
+    r = time_training(model, initial, data[8:40], True, 0, attention)
     print(json.dumps({"seconds_per_step": round(r["seconds"] / r["steps"], 3), "threads": torch.get_num_threads()}))
 
 
@@ -218,7 +232,7 @@ def main() -> None:
 
     from alignshield.config import load_config
     from alignshield.models.hardware import cpu_model
-    from alignshield.models.load import load_model, load_tokenizer, resolve_dtype
+    from alignshield.models.load import load_model, load_tokenizer, resolve_attention, resolve_dtype
     from alignshield.models.lora import attach_lora
 
     t_start = time.perf_counter()
@@ -231,15 +245,17 @@ def main() -> None:
     roof = roofline(["float32", "bfloat16"], mcfg.hidden_size, mcfg.intermediate_size)
     data = load_data(cfg, tokenizer, (1 + steps * rounds) * 8)
     initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    time_training(model, initial, data["align"][:8], True, 0)  # warm-up: kernels, allocator, lazy imports
-    time_training(model, initial, data["finetune"][:8], False, 0)
+    attention = resolve_attention(cfg.model) or BASELINE_ATTENTION
+    time_training(model, initial, data["align"][:8], True, 0, attention)  # warm-up: kernels, allocator, imports
+    time_training(model, initial, data["finetune"][:8], False, 0, attention)
 
     runs = {(stage, v): [] for stage in ("align", "finetune") for v in ("optimized", "baseline")}
     for r in range(rounds):
         for stage in ("align", "finetune"):
             window = data[stage][8 * (1 + r * steps): 8 * (1 + (r + 1) * steps)]
             for variant in (("baseline", "optimized") if r % 2 else ("optimized", "baseline")):
-                runs[stage, variant].append(time_training(model, initial, window, variant == "optimized", r))
+                runs[stage, variant].append(time_training(model, initial, window, variant == "optimized", r,
+                                                          attention))
 
     def total(stage, variant, key):
         return sum(x[key] for x in runs[stage, variant])
@@ -273,11 +289,12 @@ def main() -> None:
     work_all = sum(per_stage[s]["gflops_per_s"] * total(s, "optimized", "seconds") for s in per_stage)
     achieved = work_all / opt_all
 
-    gen = time_generation(model.merge_and_unload(), tokenizer, cfg, n_prompts)  # evaluation sees merged models
+    gen = time_generation(model.merge_and_unload(), tokenizer, cfg, n_prompts, attention)  # evaluation sees merged models
     roof = {d: max(g, again) for (d, g), again in zip(roof.items(), roofline(list(roof), mcfg.hidden_size,
                                                                           mcfg.intermediate_size).values())}
     result = {
-        "dtype": dtype, "cpu": cpu_model(), "threads": torch.get_num_threads(),
+        "dtype": dtype, "attention": attention, "baseline_attention": BASELINE_ATTENTION, "cpu": cpu_model(),
+        "threads": torch.get_num_threads(),
         "roofline_gflops": roof[dtype], "roofline_gflops_per_dtype": roof,
         "train_tokens_per_s": round(real_all / opt_all, 1),
         "train_gflops_per_s": round(achieved, 1),
@@ -295,7 +312,8 @@ def main() -> None:
     result["seconds"] = round(time.perf_counter() - t_start, 1)
     result["goals"] = {k: {"goal": v, "met": result[k] >= v} for k, v in GOALS.items()}
 
-    print(f"{result['cpu']}, {dtype}, {result['threads']} threads; roofline (matmul GFLOPS): "
+    print(f"{result['cpu']}, {dtype}, {attention} attention (baseline {BASELINE_ATTENTION}), {result['threads']} "
+          "threads; roofline (matmul GFLOPS): "
           + ", ".join(f"{d} {g}" for d, g in roof.items()))
     for stage, s in per_stage.items():
         print(f"{stage:9s} optimized {s['optimized_s_per_step']:.2f} s/step vs baseline {s['baseline_s_per_step']:.2f}"

@@ -51,11 +51,12 @@ def tiny_config(family: str = "llama", vocab_size: int = 320, layers: int = 2, h
     return AutoConfig.for_model(family, **common, **shapes.get(family, default))
 
 
-def make_model(family: str = "llama", layers: int = 2, seed: int = 0, dtype=torch.float32):
+def make_model(family: str = "llama", layers: int = 2, seed: int = 0, dtype=torch.float32, attention=None):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(tiny_config(family, layers=layers), dtype=dtype)
+    extra = {"attn_implementation": attention} if attention else {}
+    return AutoModelForCausalLM.from_config(tiny_config(family, layers=layers), dtype=dtype, **extra)
 
 
 @pytest.fixture(scope="session")

@@ -15,9 +15,11 @@ from alignshield.models.load import resolve_dtype
 def fresh(monkeypatch, tmp_path):
     monkeypatch.setenv("ALIGNSHIELD_CACHE", str(tmp_path / "cache"))
     hardware.cpu_bf16_is_fast.cache_clear()
+    hardware.auto_attention.cache_clear()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     yield
     hardware.cpu_bf16_is_fast.cache_clear()
+    hardware.auto_attention.cache_clear()
 
 
 def _cpu(monkeypatch, flags, fp32=100.0, bf16=300.0):
@@ -90,3 +92,64 @@ def test_auto_is_resolved_before_hashing_so_outputs_are_keyed_by_dtype(monkeypat
     assert stages.stage_dirs(cfg)["align"] != dirs_fp32["align"]
     explicit = load_config(overrides=["model.dtype=bfloat16"])
     assert stages.stage_dirs(explicit)["align"] == stages.stage_dirs(cfg)["align"]
+
+
+# ------------------------------------------------------------------------------ attention kernel
+
+
+def _attention(monkeypatch, sdpa_s: float, eager_s: float):
+    calls = []
+
+    def seconds(implementation, dtype, *a, **k):
+        calls.append((implementation, dtype))
+        return {"sdpa": sdpa_s, "eager": eager_s}[implementation]
+
+    monkeypatch.setattr(hardware, "attention_seconds", seconds)
+    return calls
+
+
+@pytest.mark.parametrize("sdpa_s,expected", [(0.09, "eager"), (0.045, None)])
+def test_auto_attention_follows_the_measured_probe_in_bfloat16(monkeypatch, tmp_path, sdpa_s, expected):
+    _cpu(monkeypatch, {"avx512_bf16"}, fp32=100, bf16=300)
+    calls = _attention(monkeypatch, sdpa_s=sdpa_s, eager_s=0.04)
+    assert hardware.auto_attention("cpu", "bfloat16") == expected
+    hardware.auto_attention.cache_clear()
+    assert hardware.auto_attention("cpu", "bfloat16") == expected
+    assert len(calls) == 2  # one probe (sdpa + eager), then the cache in hardware.json
+    resolved = stages.resolve(load_config(overrides=["model.dtype=auto"]))
+    assert (resolved.model.dtype, resolved.model.attn_implementation) == ("bfloat16", expected)
+
+
+def test_attention_is_never_probed_in_float32_on_cuda_or_when_set(monkeypatch):
+    _cpu(monkeypatch, {"avx2"})
+    calls = _attention(monkeypatch, sdpa_s=1.0, eager_s=0.01)
+    assert hardware.auto_attention("cpu", "float32") is None
+    assert hardware.auto_attention("cuda", "bfloat16") is None
+    assert hardware.auto_attention("cpu", "bfloat16") is None  # emulated bf16: auto never picks it
+    explicit = stages.resolve(load_config(overrides=["model.dtype=bfloat16", "model.attn_implementation=sdpa"]))
+    assert explicit.model.attn_implementation == "sdpa"
+    _cpu(monkeypatch, {"avx512_bf16"}, fp32=100, bf16=300)
+    hardware.cpu_bf16_is_fast.cache_clear()
+    default = stages.resolve(load_config(overrides=["model.attn_implementation=null"]))  # transformers' own
+    assert (default.model.dtype, default.model.attn_implementation) == ("bfloat16", None)
+    assert calls == []
+
+
+def test_the_attention_choice_is_part_of_the_stage_keys(monkeypatch):
+    _cpu(monkeypatch, {"avx512_bf16"}, fp32=100, bf16=300)
+    _attention(monkeypatch, sdpa_s=0.09, eager_s=0.04)
+    auto = stages.stage_dirs(load_config())
+    sdpa = stages.stage_dirs(load_config(overrides=["model.attn_implementation=sdpa"]))
+    assert auto["align"] != sdpa["align"]
+    fp32 = stages.resolve(load_config(overrides=["model.dtype=float32"]))
+    assert fp32.model.attn_implementation is None  # float32 keys are as before
+
+
+def test_both_attention_formulas_of_the_probe_agree():
+    """The probe times the same mathematics both ways (else its verdict would compare different work)."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 16, 8, dtype=torch.float64) for _ in range(3))
+    mask = torch.ones(16, 16, dtype=torch.bool).tril().expand(2, 1, 16, 16).clone()
+    mask[0, :, :, 12:] = False
+    torch.testing.assert_close(hardware.attention("eager", q, k, v, mask), hardware.attention("sdpa", q, k, v, mask))
+    assert hardware.attention_seconds("eager", torch.float32, (2, 3, 16, 8), reps=1) > 0

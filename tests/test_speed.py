@@ -110,11 +110,13 @@ def test_grouped_training_resumes_bit_identically(tokenizer, tmp_path):
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
 
 
-@pytest.mark.parametrize("family", TINY_FAMILIES)
-def test_a_shared_prefix_computed_once_gives_the_same_loss_and_gradients(family, tokenizer):
+@pytest.mark.parametrize("family,attention", [(f, None) for f in TINY_FAMILIES] + [("llama", "eager"),
+                                                                                    ("qwen2", "eager")])
+def test_a_shared_prefix_computed_once_gives_the_same_loss_and_gradients(family, attention, tokenizer):
+    """Both attention kernels (eager: what bfloat16 training on a CPU resolves to, models/hardware.py)."""
     from alignshield.train import shared_prefix_length
 
-    model = attach_lora(make_model(family, dtype=torch.float64), LORA).eval()  # no dropout: one function
+    model = attach_lora(make_model(family, dtype=torch.float64, attention=attention), LORA).eval()  # no dropout
     batch = _batch(tokenizer)
     shared = shared_prefix_length(batch)
     assert shared >= 8 and (batch["labels"][:, : shared + 1] == -100).all()

@@ -52,8 +52,11 @@ class ModelConfig(Strict):
     """Let the model repository's own modelling code run (``from_pretrained(trust_remote_code=True)``)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, more compute (and no prefix sharing)."""
-    attn_implementation: str | None = None
-    """Passed to ``from_pretrained`` (e.g. ``sdpa``, ``eager``); the transformers default when unset."""
+    attn_implementation: str | None = "auto"
+    """Passed to ``from_pretrained`` (e.g. ``sdpa``, ``eager``); null: the transformers default (sdpa
+    for most models). ``auto``: ``eager`` on a CPU where it is measured faster in the dtype in use
+    (bfloat16 on an AVX512-BF16 CPU, where PyTorch's CPU sdpa kernel is slower with a padding mask),
+    else null. Resolved before hashing, so the choice is part of the stage keys."""
     decoder_layers: str | None = None
     """Dotted path to the decoder-layer list (e.g. ``model.layers``); discovered when unset."""
     attention_module: str | None = None

@@ -28,7 +28,7 @@ from alignshield.data.pools import Example, check_disjoint, load_pool
 from alignshield.evaluate.judges import JUDGES
 from alignshield.finetune import FINETUNE_METHODS
 from alignshield.io import atomic_dir, held_lock, write_json_atomic, write_jsonl_atomic, write_text_atomic
-from alignshield.models.load import resolve_dtype
+from alignshield.models.load import resolve_attention, resolve_dtype
 from alignshield.models.lora import ADAPTER_DIR, MODEL_DIR, attach_lora, is_peft, load_adapter, merge_adapter
 from alignshield.repair import REPAIR_METHODS
 from alignshield.seeding import derive_seed
@@ -48,6 +48,7 @@ def resolve(cfg: RunConfig) -> RunConfig:
     saved next to each output and printed, so equal settings always map to the same folder."""
     cfg = cfg.model_copy(deep=True)
     cfg.model.dtype = resolve_dtype(cfg.model)
+    cfg.model.attn_implementation = resolve_attention(cfg.model)
     if cfg.finetune.topology is None:
         method = FINETUNE_METHODS.get(cfg.finetune.method) if cfg.finetune.method in FINETUNE_METHODS else None
         cfg.finetune.topology = getattr(method, "topology", "two-lora")

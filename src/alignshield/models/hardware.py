@@ -11,6 +11,10 @@ So ``auto`` is:
   version, threads) in ``<cache>/hardware.json``, so it runs once.
 
 An explicit dtype is obeyed; when it is emulated here, ``dtype_warning`` says so (the CLI prints it).
+
+The attention kernel follows the same rule (``auto_attention``): on a CPU, ``model.attn_implementation=auto``
+(the default) becomes ``eager`` where a measured probe (one training-shaped attention forward + backward) finds
+it faster than ``sdpa`` in the dtype in use, cached beside the dtype probe.
 """
 
 from __future__ import annotations
@@ -123,6 +127,74 @@ def cpu_bf16_is_fast() -> bool:
     if cpu_has_native("bfloat16") is False:
         return False  # emulated: no need to measure a ~100x slowdown
     return bool(probe_cpu_bf16()["bfloat16_faster"])
+
+
+ATTENTION_PROBE = (8, 9, 128, 64)  # batch x heads x tokens x head width: an embedded training batch
+
+
+def attention_seconds(implementation: str, dtype: torch.dtype, shape: tuple[int, int, int, int] = ATTENTION_PROBE,
+                      reps: int = 3) -> float:
+    """Best-of-``reps`` seconds of one attention forward + backward with a causal padding mask (what
+    a training step computes per layer), by transformers' ``sdpa`` or ``eager`` formula."""
+    b, h, t, d = shape
+    q, k, v = (torch.randn(b, h, t, d, dtype=dtype, requires_grad=True) for _ in range(3))
+    mask = torch.ones(t, t, dtype=torch.bool).tril().expand(b, 1, t, t).clone()
+    mask[0, :, :, t - t // 8:] = False  # some padding, as in a batch of unequal lengths
+
+    def step():
+        attention(implementation, q, k, v, mask).sum().backward()
+
+    step()  # warm-up
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        step()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def attention(implementation: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor):
+    """softmax(q k^T / sqrt(d), masked) v by ``sdpa`` or by transformers' ``eager_attention_forward``
+    (scores in the dtype, softmax in float32)."""
+    import torch.nn.functional as F
+
+    if implementation == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    weights = scores.masked_fill(~mask, torch.finfo(q.dtype).min).softmax(-1, dtype=torch.float32)
+    return weights.to(q.dtype) @ v
+
+
+def probe_cpu_attention(dtype: str) -> dict:
+    """Measured sdpa vs eager attention (forward + backward) in ``dtype`` on this CPU, cached per machine."""
+    from alignshield.io import write_json_atomic
+
+    path, key = _cache_path(), f"{_fingerprint()}/attention/{dtype}"
+    try:
+        cached = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        cached = {}
+    if key in cached:
+        return cached[key]
+    sdpa, eager = attention_seconds("sdpa", getattr(torch, dtype)), attention_seconds("eager", getattr(torch, dtype))
+    result = {"cpu": cpu_model(), "dtype": dtype, "sdpa_ms": round(1e3 * sdpa, 2), "eager_ms": round(1e3 * eager, 2),
+              "eager_faster": sdpa >= FASTER_BY * eager}
+    try:
+        write_json_atomic(path, cached | {key: result})
+    except OSError as err:
+        log.debug("cannot cache the attention probe in %s: %s", path, err)
+    return result
+
+
+@lru_cache(maxsize=None)
+def auto_attention(device: str, dtype: str) -> str | None:
+    """The attention ``model.attn_implementation=auto`` resolves to: ``eager`` on a CPU where, in this
+    dtype, it measured faster than ``sdpa`` (PyTorch's CPU flash kernel is slow in bfloat16 with a
+    padding mask: 2-3x slower than eager on an AVX512-BF16 EPYC); None (transformers' default, sdpa)
+    elsewhere, CUDA included, and in float32, where sdpa is the faster one."""
+    if device != "cpu" or dtype == "float32" or (dtype == "bfloat16" and not cpu_bf16_is_fast()):
+        return None
+    return "eager" if probe_cpu_attention(dtype)["eager_faster"] else None
 
 
 def cuda_bf16_is_native() -> bool:

@@ -60,6 +60,16 @@ def resolve_dtype(cfg: ModelConfig) -> str:
 _warned: set[str] = set()
 
 
+def resolve_attention(cfg: ModelConfig) -> str | None:
+    """``cfg.attn_implementation`` with ``auto`` replaced by this hardware's choice for the resolved dtype
+    (``models/hardware.py``: ``eager`` where it is measured faster on a CPU, else None = transformers' default)."""
+    if cfg.attn_implementation != "auto":
+        return cfg.attn_implementation
+    from alignshield.models.hardware import auto_attention
+
+    return auto_attention(compute_device(cfg), resolve_dtype(cfg))
+
+
 def model_source(cfg: ModelConfig) -> tuple[str, dict]:
     """Where from_pretrained should read, and the extra arguments it needs."""
     if cfg.name == EMBEDDED_NAME:
@@ -169,8 +179,9 @@ def load_model(cfg: ModelConfig, device: torch.device | None = None):
 
     source, extra = model_source(cfg)
     kwargs = dict(extra, dtype=_DTYPES[resolve_dtype(cfg)])
-    if cfg.attn_implementation:
-        kwargs["attn_implementation"] = cfg.attn_implementation
+    attention = resolve_attention(cfg)
+    if attention:
+        kwargs["attn_implementation"] = attention
     if cfg.device_map:
         kwargs["device_map"] = cfg.device_map
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
