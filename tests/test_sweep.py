@@ -631,3 +631,79 @@ def test_grid_declared_plots_replace_the_inferred_ones(tmp_path, tiny_model_dir)
                          ({"x": "finetune.q"}, "neither a swept field"), ({"x": "finetune.p", "colour": "red"}, "colour")]:
         with pytest.raises(ConfigError, match=message):
             expand({"grid": {"finetune.p": [0.0, 0.5]}, "plots": [bad]}, overrides=overrides)
+
+
+@pytest.mark.parametrize("plots, tables, message", [
+    ([{"x": "finetune.p", "facets": ["repair.method"]}], [], r"plots\[0\].facets \['repair.method'\] are not swept"),
+    ([{"x": "finetune.p", "series": ["align.method"], "facets": ["align.method"]}], [], "also the plot's x or a series"),
+    ([{"x": "finetune.p", "facets": ["finetune.p"]}], [], "also the plot's x or a series"),
+    ([], [{"group_by": ["align.method", "finetune.q"]}], r"tables\[0\].group_by \['finetune.q'\] are not swept"),
+    ([], [{"group_by": ["align.method"], "metrics": ["finetune.p"]}], "are swept fields, not metrics"),
+    ([], [{"group_by": ["align.method"], "colums": ["x"]}], r"tables\[0\].colums: unknown key"),
+    ([], [{"metrics": ["harmful_score/*"]}], r"tables\[0\].group_by: Field required"),
+    ([], {"group_by": ["seed"]}, "tables is a list"),
+])
+def test_bad_declared_plots_and_tables_fail_when_the_grid_loads(tmp_path, plots, tables, message):
+    """Before any run is expanded, and naming the grid file and the field."""
+    grid = tmp_path / "g.yaml"
+    grid.write_text(yaml.safe_dump({"grid": {"align.method": ["sft", "vaccine"], "finetune.p": [0.0, 0.1]},
+                                    "plots": plots, "tables": tables}))
+    with pytest.raises(ConfigError, match=message) as err:
+        load_sweep(grid)
+    assert str(grid) in str(err.value)
+
+
+def test_declared_tables_and_facets_are_recorded_with_the_sweep(tmp_path):
+    sweep = expand({"overrides": {"output_dir": str(tmp_path)},
+                    "grid": {"align.method": ["sft"], "repair.method": ["none", "antidote"], "seed": [1, 2]},
+                    "plots": [{"x": "seed", "facets": ["repair.method"]}],
+                    "tables": [{"group_by": ["repair.method"], "title": "t"}]})
+    spec = sweep.spec()
+    assert spec["plots"] == [{"x": "seed", "y": None, "series": [], "facets": ["repair.method"], "title": None}]
+    assert spec["tables"] == [{"group_by": ["repair.method"], "metrics": [], "title": "t"}]
+    assert "tables" not in expand({"overrides": {"output_dir": str(tmp_path)}, "grid": {"seed": [1]}}).spec()
+
+
+def test_report_renders_declared_tables_and_faceted_plots(tmp_path, saved_figures):
+    """A declared table replaces the default one (its rows: the group_by combinations, averaged over the
+    rest); a faceted plot is one figure with a panel per facet value, each the plot on that subset."""
+    out = tmp_path / "runs"
+    spec = {"axes": [{"fields": [f]} for f in ("align.method", "finetune.p", "repair.method", "seed")],
+            "plots": [{"x": "finetune.p", "series": ["align.method"], "facets": ["repair.method"]}],
+            "tables": [{"group_by": ["align.method", "repair.method"], "metrics": ["harmful_score/*"],
+                        "title": "HS per method and repair"}]}
+    with ResultStore.in_dir(out) as store:
+        store.record_sweep("fac", "fac.yaml", spec)
+        i = 0
+        for method in ("sft", "vaccine"):
+            for p in (0.0, 0.1):
+                for repair in ("none", "antidote"):
+                    for seed in (1, 2):
+                        swept = {"align.method": method, "finetune.p": p, "repair.method": repair, "seed": seed}
+                        cfg = load_config(overrides=[f"{k}={v}" for k, v in swept.items()])
+                        hs = _hs(method, p, seed) - (10 if repair == "antidote" else 0)
+                        store.record_run(RunRecord(f"f{i}", cfg.model_dump(mode="json"), swept, seed),
+                                         {"harmful_score/keyword": hs, "harmful_prompts": 100,
+                                          "finetune_accuracy/strict": 80.0}, sweep="fac", position=i)
+                        i += 1
+    report = rp.build_report(out, tmp_path / "report")
+    md, page = report.markdown.read_text(), report.html.read_text()
+    # sft without repair: 41, 42 (p = 0) and 51, 52 (p = 0.1), 186 of 400 answers pooled; vaccine with: 66
+    assert "**HS per method and repair**" in md and "<strong>HS per method and repair</strong>" in page
+    assert "| align.method | repair.method | n | seeds | harmful_score/keyword |" in md
+    assert "| sft | none | 4 | 1,2 | 46.50 ± 5.80 [41.7, 51.4] |" in md
+    assert "| vaccine | antidote | 4 | 1,2 | 16.50 ± 5.80 [13.2, 20.5] |" in md
+    assert "<td>sft</td><td>none</td><td class=\"num\">4</td>" in page
+    assert "finetune_accuracy/strict |" not in md.split("<details>")[0]  # the declared columns only
+    assert "| sft | 0 | none |" not in md.split("<details>")[0]  # no default table
+
+    assert [p.name for p in report.figures] == ["fac-hs-vs-finetune-p-by-repair-method.png"]
+    assert report.figures[0].exists()
+    (fig,) = saved_figures
+    assert [ax.get_title() for ax in fig.axes] == ["repair.method=none", "repair.method=antidote"]
+    assert fig.axes[0].get_shared_y_axes().joined(fig.axes[0], fig.axes[1])
+    for ax, offset in zip(fig.axes, (0, -10)):
+        handles, labels = ax.get_legend_handles_labels()
+        lines = {label: (list(h[0].get_xdata()), list(h[0].get_ydata())) for h, label in zip(handles, labels)}
+        assert lines == {"sft": ([0.0, 0.1], [41.5 + offset, 51.5 + offset]),
+                         "vaccine": ([0.0, 0.1], [21.5 + offset, 31.5 + offset])}

@@ -15,7 +15,9 @@ A grid file is YAML::
       finetune.train.learning_rate: [1.0e-5, 1.0e-4]   # zip axis, or a list of such mappings
       finetune.train.epochs: [20, 5]
     plots:                      # optional: what the report draws (default: inferred from the axes)
-      - {x: finetune.p, series: [align.method]}
+      - {x: finetune.p, series: [align.method], facets: [seed]}
+    tables:                     # optional: what the report tables (default: one row per swept setting)
+      - {group_by: [align.method, finetune.p], metrics: ["harmful_score/*"]}
 
 The base is: defaults <- preset <- config files <- ``overrides`` (a mapping value merges into the
 base like a config file) <- command-line ``a.b=c`` overrides (which replace, as in ``alignshield
@@ -38,7 +40,7 @@ from alignshield.config import (ConfigError, RunConfig, Strict, _deep_merge, _fo
                                 load_config, parse_assignment, read_mapping)
 
 GRIDS_DIR = Path(__file__).resolve().parent.parent / "resources" / "grids"
-TOP_KEYS = ("name", "description", "preset", "config", "overrides", "grid", "zip", "plots")
+TOP_KEYS = ("name", "description", "preset", "config", "overrides", "grid", "zip", "plots", "tables")
 
 
 class PlotSpec(Strict):
@@ -51,8 +53,25 @@ class PlotSpec(Strict):
     """The metric on the y axis; default: the report's harmful score."""
     series: list[str] = []
     """Swept fields: one line (or point) per combination of their values."""
+    facets: list[str] = []
+    """Swept fields (neither ``x`` nor a series): one panel per combination of their values, side by side
+    in one figure with a shared y axis, each drawn as the plot without facets would be on those runs."""
     title: str | None = None
     """The plot's title; default: "<grid>: y vs x"."""
+
+
+class TableSpec(Strict):
+    """A table the report shows for this grid (``tables:`` in the grid file); without any, the report
+    shows one table with a row per combination of the swept fields other than ``seed``."""
+
+    group_by: list[str]
+    """Swept fields: one row per combination of their values, mean ± std over the runs that share it
+    (over the seeds, and over any other swept field left out)."""
+    metrics: list[str] = []
+    """The columns: metric names or globs (``harmful_score/*``); default: the report's usual columns,
+    every harmful score and finetune accuracy."""
+    title: str | None = None
+    """A heading above the table; default: none."""
 
 
 @dataclass
@@ -87,6 +106,8 @@ class Sweep:
     """The ``field=value`` filters that selected ``runs`` from the grid (``restrict``); empty: all."""
     plots: list[dict[str, Any]] = field(default_factory=list)
     """The grid's declared plots (``PlotSpec`` as mappings), recorded with the sweep for the report."""
+    tables: list[dict[str, Any]] = field(default_factory=list)
+    """The grid's declared tables (``TableSpec`` as mappings), recorded with the sweep for the report."""
 
     @property
     def output_dir(self) -> Path:
@@ -100,7 +121,7 @@ class Sweep:
         points = math.prod(len(a.values) for a in self.axes)
         return {"axes": [{"fields": a.fields, "values": [list(v) for v in a.values]} for a in self.axes],
                 "runs": points - len(self.duplicates),  # the whole grid's, whatever ``where`` selects
-                **({"plots": self.plots} if self.plots else {})}
+                **({"plots": self.plots} if self.plots else {}), **({"tables": self.tables} if self.tables else {})}
 
 
 def known_grids() -> list[str]:
@@ -149,6 +170,8 @@ def expand(
     swept = [f for a in axes for f in a.fields]
     if "output_dir" in swept:
         raise ConfigError(f"{where}: output_dir cannot be swept: a sweep, its stages and its database share one folder")
+    plots = _plots(data.get("plots") or [], swept, where)
+    tables = _tables(data.get("tables") or [], swept, where)
 
     # the base: defaults <- preset <- config files <- grid overrides <- command-line overrides
     grid_files = data.get("config") or []
@@ -192,11 +215,10 @@ def expand(
             continue
         seen[key] = position
         runs.append(Run(position, typed, cfg, key, dirs))
-    plots = _plots(data.get("plots") or [], [f for a in axes for f in a.fields], where)
     name = str(data.get("name") or (source.stem if source else "sweep"))
     base_info = {"preset": preset or data.get("preset"), "config": [str(f) for f in all_files],
                  "overrides": {k: v for k, v in pairs}, "output_dir": base["output_dir"]}
-    return Sweep(name, str(source) if source else None, base_info, axes, runs, duplicates, plots=plots)
+    return Sweep(name, str(source) if source else None, base_info, axes, runs, duplicates, plots=plots, tables=tables)
 
 
 def restrict(sweep: Sweep, where: list[str]) -> Sweep:
@@ -276,23 +298,57 @@ def _values(key: Any, values: Any, where: str) -> list:
 
 
 def _plots(plots: Any, swept: list[str], where: str) -> list[dict[str, Any]]:
-    """The declared plots, validated: series are swept fields, x is a swept field or a metric name."""
-    if not isinstance(plots, list):
-        raise ConfigError(f"{where}: plots is a list of {{x, y, series, title}} mappings")
+    """The declared plots, validated: series and facets are swept fields (a facet neither x nor a series),
+    x is a swept field or a metric name."""
     out = []
-    for i, item in enumerate(plots):
-        try:
-            plot = PlotSpec(**item) if isinstance(item, dict) else PlotSpec(x=item)
-        except ValidationError as err:
-            raise ConfigError(_format_validation(err, prefix=f"{where}: plots[{i}]", model=PlotSpec)) from None
-        unknown = [f for f in plot.series if f not in swept]
-        if unknown:
-            raise ConfigError(f"{where}: plots[{i}].series {unknown} are not swept; swept: {', '.join(swept)}")
+    for i, item in enumerate(_specs(plots, "plots", "{x, y, series, facets, title}", where)):
+        plot = _spec(PlotSpec, item if isinstance(item, dict) else {"x": item}, f"{where}: plots[{i}]")
+        _swept_only(plot.series, swept, f"{where}: plots[{i}].series")
+        _swept_only(plot.facets, swept, f"{where}: plots[{i}].facets")
         if plot.x not in swept and "/" not in plot.x:
             raise ConfigError(f"{where}: plots[{i}].x={plot.x!r} is neither a swept field ({', '.join(swept)}) "
                               "nor a metric (e.g. finetune_accuracy/strict)")
+        twice = [f for f in plot.facets if f == plot.x or f in plot.series]
+        if twice:
+            raise ConfigError(f"{where}: plots[{i}].facets {twice} are also the plot's x or a series; "
+                              "a field splits a plot one way only")
         out.append(plot.model_dump())
     return out
+
+
+def _tables(tables: Any, swept: list[str], where: str) -> list[dict[str, Any]]:
+    """The declared tables, validated: rows group by swept fields; columns are metrics, not config fields."""
+    out = []
+    for i, item in enumerate(_specs(tables, "tables", "{group_by, metrics, title}", where)):
+        table = _spec(TableSpec, item, f"{where}: tables[{i}]")
+        _swept_only(table.group_by, swept, f"{where}: tables[{i}].group_by")
+        configured = [m for m in table.metrics if m in swept]
+        if configured:
+            raise ConfigError(f"{where}: tables[{i}].metrics {configured} are swept fields, not metrics "
+                              "(e.g. harmful_score/embedded, finetune_accuracy/*); rows group by swept fields")
+        out.append(table.model_dump())
+    return out
+
+
+def _specs(items: Any, key: str, shape: str, where: str) -> list:
+    if not isinstance(items, list):
+        raise ConfigError(f"{where}: {key} is a list of {shape} mappings")
+    return items
+
+
+def _spec(model: type[Strict], item: Any, where: str) -> Any:
+    if not isinstance(item, dict):
+        raise ConfigError(f"{where}: a mapping of {', '.join(model.model_fields)}, got {item!r}")
+    try:
+        return model(**item)
+    except ValidationError as err:
+        raise ConfigError(_format_validation(err, prefix=where, model=model)) from None
+
+
+def _swept_only(fields: list[str], swept: list[str], where: str) -> None:
+    unknown = [f for f in fields if f not in swept]
+    if unknown:
+        raise ConfigError(f"{where} {unknown} are not swept; swept: {', '.join(swept) or 'none'}")
 
 
 def _override_pairs(overrides: Any, where: str) -> list[tuple[str, Any]]:

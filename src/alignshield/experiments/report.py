@@ -221,6 +221,13 @@ class Figure:
 
 
 @dataclass
+class Table:
+    title: str | None
+    header: list[str]
+    rows: list[list[str]]
+
+
+@dataclass
 class Section:
     name: str
     runs: list[StoredRun]
@@ -233,6 +240,12 @@ class Section:
     notes: list[str]
     comparison_header: list[str] = field(default_factory=list)
     comparison_rows: list[list[str]] = field(default_factory=list)
+    tables: list[Table] = field(default_factory=list)
+    """The grid's declared tables (``tables:``), shown instead of ``header`` and ``rows``."""
+
+    @property
+    def shown_tables(self) -> list[Table]:
+        return self.tables or [Table(None, self.header, self.rows)]
 
 
 @dataclass
@@ -314,10 +327,23 @@ def _section(name: str, runs: list[StoredRun], spec: dict, out: Path, hs: str | 
                  *(fmt(r.metrics.get(m)) for m in (hs, fa) if m), fmt(r.meta.get("wall_seconds")),
                  fmt(r.meta.get("peak_rss_mb")), ",".join(r.meta.get("computed") or [])] for r in runs]
     notes = _notes(runs)
+    tables = [_declared_table(runs, table, notes) for table in spec.get("tables") or []]
     figures = _figures(name, runs, spec, out, hs, fa, notes) if hs else []
     if not hs:
         notes.append("no harmful-score metric in these runs: nothing to plot")
-    return Section(name, runs, spec, header, rows, run_header, run_rows, figures, notes)
+    return Section(name, runs, spec, header, rows, run_header, run_rows, figures, notes, tables=tables)
+
+
+def _declared_table(runs: list[StoredRun], table: dict, notes: list[str]) -> Table:
+    """A table the grid declares (``tables:`` in the grid file): a row per ``group_by`` combination, the
+    ``metrics`` (names or globs; default: the usual columns) as mean ± std over the rows' runs."""
+    metrics = metric_names(runs, table.get("metrics") or None)
+    missing = [m for m in table.get("metrics") or [] if not metric_names(runs, [m])]
+    if missing:
+        notes.append(f"table {table.get('title') or ', '.join(table['group_by'])}: no metric {', '.join(missing)} "
+                     "in these runs")
+    groups = aggregate(runs, table["group_by"], metrics)
+    return Table(table.get("title"), *results_table(groups, table["group_by"], metrics))
 
 
 def _notes(runs: list[StoredRun]) -> list[str]:
@@ -402,80 +428,118 @@ def _figures(name: str, runs: list[StoredRun], spec: dict, out: Path, hs: str, f
 
 def _declared(name: str, runs: list[StoredRun], plot: dict, out: Path, hs: str, notes: list[str]) -> Figure:
     """A plot the grid declares (``plots:`` in the grid file): a line over a swept ``x``, or a scatter of
-    group means when ``x`` is a metric."""
-    y, series = plot.get("y") or hs, list(plot.get("series") or [])
+    group means when ``x`` is a metric; with ``facets``, one such panel per combination of their values."""
+    y, series, facets = plot.get("y") or hs, list(plot.get("series") or []), list(plot.get("facets") or [])
     swept = swept_fields(runs, exclude=())
     if plot["x"] in swept:
-        return _line(name, runs, plot["x"], y, series, out, title=plot.get("title"))
+        return _line(name, runs, plot["x"], y, series, out, title=plot.get("title"), facets=facets)
     return _scatter(name, runs, plot["x"], y, series, out, slug=f"{_slug(y)}-vs-{_slug(plot['x'])}",
-                    title=plot.get("title") or f"{name}: {y} vs {plot['x']}")
+                    title=plot.get("title") or f"{name}: {y} vs {plot['x']}", facets=facets)
 
 
 def _line(name: str, runs: list[StoredRun], x: str, y: str, series: list[str], out: Path, note: str = "",
-          title: str | None = None) -> Figure:
-    """``y`` (mean over seeds, error bars: std) against the swept field ``x``, one line per ``series``."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure as MplFigure
-
-    fig = MplFigure(figsize=(6.4, 4.2), dpi=110)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    for i, (label, group) in enumerate(_series(runs, series)):
-        points = sorted((p for p in aggregate(group, [x], [y]) if y in p.stats), key=lambda p: p.values[0])
-        ax.errorbar([p.values[0] for p in points], [p.stats[y].mean for p in points],
-                    yerr=[p.stats[y].std or 0.0 for p in points], capsize=3, label=label or None, **_style(i))
-    if _log_scale(x, {_hashable(field_value(r, x)) for r in runs if y in r.metrics}):
-        ax.set_xscale("log")
-    ax.set_xlabel(x)
-    ax.set_ylabel(f"{y} (%)")
-    ax.set_title(title or f"{name}: {y.split('/')[0].replace('_', ' ')} vs {x}")
-    ax.grid(True, alpha=0.3)
-    if series:
-        _legend_below(ax, " / ".join(series), fontsize=8)
+          title: str | None = None, facets: list[str] = ()) -> Figure:
+    """``y`` (mean over seeds, error bars: std) against the swept field ``x``, one line per ``series``;
+    with ``facets``, one such panel per combination of their values."""
+    order = [label for label, _ in _series(runs, series)]  # a series has one colour in every panel
+    fig, panels = _panels(runs, facets, title or f"{name}: {y.split('/')[0].replace('_', ' ')} vs {x}",
+                          f"{y} (%)", (6.4, 4.2))
+    for ax, subset in panels:
+        for label, group in _series(subset, series):
+            points = sorted((p for p in aggregate(group, [x], [y]) if y in p.stats), key=lambda p: p.values[0])
+            ax.errorbar([p.values[0] for p in points], [p.stats[y].mean for p in points],
+                        yerr=[p.stats[y].std or 0.0 for p in points], capsize=3, label=label or None,
+                        **_style(order.index(label)))
+        if _log_scale(x, {_hashable(field_value(r, x)) for r in subset if y in r.metrics}):
+            ax.set_xscale("log")
+        ax.set_xlabel(x)
+        ax.grid(True, alpha=0.3)
+        if series:
+            _legend_below(ax, " / ".join(series), fontsize=8)
     prefix = "hs" if y.startswith("harmful_score/") else _slug(y)
-    path = out / f"{_slug(name)}-{prefix}-vs-{_slug(x)}.png"
+    path = out / f"{_slug(name)}-{prefix}-vs-{_slug(x)}{_facet_slug(facets)}.png"
     fig.savefig(path, bbox_inches="tight")
-    return Figure(f"{y} vs {x}", path, f"Mean over seeds (error bars: sample std) of {y} against {x}{note}"
-                  + (f", one line per {' / '.join(series)}." if series else "."))
+    return Figure(f"{y} vs {x}{_facet_title(facets)}", path,
+                  f"Mean over seeds (error bars: sample std) of {y} against {x}{note}"
+                  + (f", one line per {' / '.join(series)}" if series else "") + _facet_caption(facets) + ".")
 
 
 def _scatter(name: str, runs: list[StoredRun], x: str, y: str, groups_by: list[str], out: Path, *, slug: str,
-             title: str) -> Figure:
-    """One point per group of ``groups_by`` (mean over seeds, bars: std) at (metric ``x``, metric ``y``)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure as MplFigure
-
+             title: str, facets: list[str] = ()) -> Figure:
+    """One point per group of ``groups_by`` (mean over seeds, bars: std) at (metric ``x``, metric ``y``);
+    with ``facets``, one such panel per combination of their values."""
     groups = [g for g in aggregate(runs, groups_by, [y, x]) if y in g.stats and x in g.stats]
     # many groups: one style (and legend entry) per value of the first field, so the legend stays readable
     by_first = len(groups) > 16 and len({g.values[0] for g in groups}) <= 16
     firsts = list(dict.fromkeys(g.values[0] for g in groups)) if by_first else []
-    fig = MplFigure(figsize=(6.4, 4.6), dpi=110)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    labelled: set = set()
-    for i, g in enumerate(groups):
+    order = {g.values: i for i, g in enumerate(groups)}  # a group has one style in every panel
+    fig, panels = _panels(runs, facets, title, f"{y} (%)", (6.4, 4.6))
+    for ax, subset in panels:
+        labelled: set = set()
+        for g in (g for g in aggregate(subset, groups_by, [y, x]) if y in g.stats and x in g.stats):
+            if by_first:
+                style, label = _style(firsts.index(g.values[0])), fmt(g.values[0])
+                label = None if label in labelled else label
+                labelled.add(fmt(g.values[0]))
+            else:
+                style, label = _style(order[g.values]), " / ".join(fmt(v) for v in g.values) or "all"
+            ax.errorbar(g.stats[x].mean, g.stats[y].mean, xerr=g.stats[x].std or 0.0, yerr=g.stats[y].std or 0.0,
+                        capsize=3, linestyle="none", label=label, **style)
+        ax.set_xlabel(f"{x} (%)")
+        ax.grid(True, alpha=0.3)
         if by_first:
-            style, label = _style(firsts.index(g.values[0])), fmt(g.values[0])
-            label = None if label in labelled else label
-            labelled.add(fmt(g.values[0]))
-        else:
-            style, label = _style(i), " / ".join(fmt(v) for v in g.values) or "all"
-        ax.errorbar(g.stats[x].mean, g.stats[y].mean, xerr=g.stats[x].std or 0.0, yerr=g.stats[y].std or 0.0,
-                    capsize=3, linestyle="none", label=label, **style)
-    ax.set_xlabel(f"{x} (%)")
-    ax.set_ylabel(f"{y} (%)")
-    ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    if by_first:
-        _legend_below(ax, groups_by[0], fontsize=7)
-    elif len(groups) <= 16:
-        _legend_below(ax, " / ".join(groups_by) or None, fontsize=7)
-    path = out / f"{_slug(name)}-{slug}.png"
+            _legend_below(ax, groups_by[0], fontsize=7)
+        elif len(groups) <= 16:
+            _legend_below(ax, " / ".join(groups_by) or None, fontsize=7)
+    path = out / f"{_slug(name)}-{slug}{_facet_slug(facets)}.png"
     fig.savefig(path, bbox_inches="tight")
     caption = f"One point per {' / '.join(groups_by) or 'group'} (mean over seeds, bars: std)"
     if y.startswith("harmful_score/") and x.startswith("finetune_accuracy/"):
         caption += "; lower and further right is better"
-    return Figure("harmful score vs finetune accuracy" if slug == "hs-vs-fa" else f"{y} vs {x}", path, caption + ".")
+    return Figure(("harmful score vs finetune accuracy" if slug == "hs-vs-fa" else f"{y} vs {x}")
+                  + _facet_title(facets), path, caption + _facet_caption(facets) + ".")
+
+
+def _panels(runs: list[StoredRun], facets: list[str], title: str, ylabel: str,
+            size: tuple[float, float]) -> tuple[Any, list[tuple[Any, list[StoredRun]]]]:
+    """A figure and its axes, each with the runs it draws: one axes for all the runs without ``facets``,
+    else one panel per combination of the facets' values (at most 3 a row, one shared y axis)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure as MplFigure
+
+    if not facets:
+        fig = MplFigure(figsize=size, dpi=110)
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        return fig, [(ax, runs)]
+    subsets = [rs for _, rs in _series(runs, facets)]
+    cols = min(len(subsets), 3)
+    rows = math.ceil(len(subsets) / cols)
+    fig = MplFigure(figsize=(size[0] * 0.8 * cols, (size[1] + 0.4) * rows), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, cols, sharey=True, squeeze=False).ravel()
+    for unused in axes[len(subsets):]:
+        unused.remove()
+    fig.suptitle(title)
+    for i, (ax, subset) in enumerate(zip(axes, subsets)):
+        ax.set_title(", ".join(f"{f}={fmt(_hashable(field_value(subset[0], f)))}" for f in facets), fontsize=10)
+        if i % cols == 0:
+            ax.set_ylabel(ylabel)
+    return fig, list(zip(axes, subsets))
+
+
+def _facet_slug(facets: list[str]) -> str:
+    return f"-by-{_slug('-'.join(facets))}" if facets else ""
+
+
+def _facet_title(facets: list[str]) -> str:
+    return f" by {' / '.join(facets)}" if facets else ""
+
+
+def _facet_caption(facets: list[str]) -> str:
+    return f"; one panel per {' / '.join(facets)}" if facets else ""
 
 
 def _series(runs: list[StoredRun], fields: list[str]) -> list[tuple[str, list[StoredRun]]]:
@@ -530,7 +594,9 @@ def _markdown(sections: list[Section], output_dir: Path) -> str:
              "(its seeds); `n` runs per group; a harmful score also carries `[lo, hi]`, the 95 % Wilson interval "
              "of the group's answers pooled over its runs. Regenerate with `alignshield report`.", ""]
     for s in sections:
-        parts += [f"## {s.name}", "", *(f"- {n}" for n in s.notes), "", _md_table(s.header, s.rows), ""]
+        parts += [f"## {s.name}", "", *(f"- {n}" for n in s.notes), ""]
+        for t in s.shown_tables:
+            parts += [*((f"**{t.title}**", "") if t.title else ()), _md_table(t.header, t.rows), ""]
         if s.comparison_rows:
             parts += [_COMPARISONS, "", _md_table(s.comparison_header, s.comparison_rows), ""]
         for f in s.figures:
@@ -578,7 +644,9 @@ def _html(sections: list[Section], output_dir: Path) -> str:
     for s in sections:
         parts.append(f"<h2 id='{_slug(s.name)}'>{html.escape(s.name)}</h2><ul class=notes>"
                      + "".join(f"<li>{html.escape(n)}</li>" for n in s.notes) + "</ul>")
-        parts.append(_html_table(s.header, s.rows))
+        for t in s.shown_tables:
+            parts += [f"<p><strong>{html.escape(t.title)}</strong></p>"] if t.title else []
+            parts.append(_html_table(t.header, t.rows))
         if s.comparison_rows:
             parts.append(f"<p class=notes>{html.escape(_COMPARISONS)}</p>")
             parts.append(_html_table(s.comparison_header, s.comparison_rows))
