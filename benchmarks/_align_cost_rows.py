@@ -35,6 +35,9 @@ ROWS = {
 METHODS = list(ROWS)
 # registered align / finetune methods, each with its default params (``--methods baselines``: sft + these)
 BASELINES = ["repnoise", "booster", "tar", "ewc", "kl", "vlguard", "lisa", "ldifs"]
+# params a baseline needs on the benchmark's one fresh LoRA: EWC refuses a zero-initialised LoRA (its
+# lora_A Fisher is 0, finetune/ewc.py); the penalty's cost per step is the same, so time it anyway
+BASELINE_PARAMS = {"ewc": {"allow_fresh_lora": True}}
 
 MODELS = ["embedded", "deep"]
 DEEP = {"layers": 24, "hidden": 256, "heads": 4, "intermediate": 1024, "vocab": 2048, "seq": 256, "batch": 8}

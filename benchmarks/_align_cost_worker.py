@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from _align_cost_rows import ROWS
+from _align_cost_rows import BASELINE_PARAMS, ROWS
 
 # ----------------------------------------------------------------------------- memory
 
@@ -195,7 +195,7 @@ def method_classes(spec: dict):
 
     registry = ALIGN_METHODS if name in ALIGN_METHODS else FINETUNE_METHODS
     cls = registry.get(name)
-    return cls, getattr(cls, "Params", MethodParams)()
+    return cls, getattr(cls, "Params", MethodParams)(**BASELINE_PARAMS.get(name, {}))
 
 
 # ----------------------------------------------------------------------------- timing

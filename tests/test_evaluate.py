@@ -12,7 +12,7 @@ from alignshield import stages
 from alignshield.config import ConfigError, load_config
 from alignshield.evaluate import drift
 from alignshield.evaluate.agreement import agreement_metrics, cohen_kappa, percent_agreement
-from alignshield.evaluate.generate import encode_prompts, generate, generate_batch, safe_decode
+from alignshield.evaluate.generate import encode_prompts, generate_batch, safe_decode
 from alignshield.evaluate.judges import JUDGES, JudgeLoadError, Verdict
 from alignshield.evaluate.metrics import generate_answers, judge_samples
 
@@ -97,8 +97,8 @@ def test_decode_failures_and_bad_text_never_crash(monkeypatch, tokenizer):
     monkeypatch.setattr(tok, "decode", lambda ids, **k: broken_batch() if len(ids) > 1 or ids == [7] else
                         original(ids, **k))
     assert safe_decode(tok, [[5, 7, 9]]) == [original([5]) + "\ufffd" + original([9])]
-    answers = generate(make_model("llama"), tok, ["a lone surrogate \ud800 in a prompt"], max_new_tokens=3,
-                       progress=False)
+    answers = generate_batch(make_model("llama"), tok, ["a lone surrogate \ud800 in a prompt"], max_new_tokens=3,
+                             progress=False).answers
     assert isinstance(answers[0], str)
     json.dumps(answers, ensure_ascii=False).encode("utf-8")  # writable as samples.jsonl
 

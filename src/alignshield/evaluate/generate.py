@@ -174,20 +174,3 @@ def generate_batch(
             contiguous.remove()
     return Generation(answers, truncated, [len(e) for e in encoded], new_tokens, token_ids)
 
-
-def generate(
-    model: torch.nn.Module,
-    tokenizer,
-    prompts: list[str],
-    *,
-    max_new_tokens: int,
-    batch_size: int = 32,
-    add_special_tokens: bool = True,
-    max_prompt_tokens: int | None = None,
-    desc: str = "generate",
-    progress: bool = True,
-) -> list[str]:
-    """Answers in prompt order (see ``generate_batch`` for truncation flags and token counts)."""
-    return generate_batch(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                          add_special_tokens=add_special_tokens, max_prompt_tokens=max_prompt_tokens,
-                          desc=desc, progress=progress).answers

@@ -123,11 +123,11 @@ class LlamaGuardJudge:
                                                   add_generation_prompt=self.add_generation_prompt)
 
     def judge(self, prompts: Sequence[str], answers: Sequence[str]) -> list[Verdict]:
-        from alignshield.evaluate.generate import generate
+        from alignshield.evaluate.generate import generate_batch
 
         texts = [self.render(p, a) for p, a in zip(prompts, answers)]
-        outputs = generate(self.model, self.tokenizer, texts, max_new_tokens=self.max_new_tokens,
-                           batch_size=self.batch_size, add_special_tokens=False, progress=False)
+        outputs = generate_batch(self.model, self.tokenizer, texts, max_new_tokens=self.max_new_tokens,
+                                 batch_size=self.batch_size, add_special_tokens=False, progress=False).answers
         return [self.parse(out) for out in outputs]
 
     def parse(self, output: str) -> Verdict:
