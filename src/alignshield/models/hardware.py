@@ -100,25 +100,33 @@ def _cache_path() -> Path:
     return cache_dir() / CACHE_FILE
 
 
-def probe_cpu_bf16() -> dict:
-    """Measured float32 vs bfloat16 matmul speed on this CPU, cached per machine."""
+def _cached_probe(key: str, measure) -> dict:
+    """``measure()``'s result, cached under ``key`` in ``<cache>/hardware.json`` (measured once per machine)."""
     from alignshield.io import write_json_atomic
 
-    path, key = _cache_path(), _fingerprint()
+    path = _cache_path()
     try:
         cached = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         cached = {}
     if key in cached:
         return cached[key]
-    fp32, bf16 = matmul_gflops(torch.float32), matmul_gflops(torch.bfloat16)
-    result = {"cpu": cpu_model(), "float32_gflops": round(fp32, 1), "bfloat16_gflops": round(bf16, 1),
-              "bfloat16_faster": bf16 >= FASTER_BY * fp32}
+    result = measure()
     try:
         write_json_atomic(path, cached | {key: result})
     except OSError as err:  # a read-only cache only costs the probe again next time
-        log.debug("cannot cache the dtype probe in %s: %s", path, err)
+        log.debug("cannot cache the hardware probe in %s: %s", path, err)
     return result
+
+
+def probe_cpu_bf16() -> dict:
+    """Measured float32 vs bfloat16 matmul speed on this CPU, cached per machine."""
+    def measure() -> dict:
+        fp32, bf16 = matmul_gflops(torch.float32), matmul_gflops(torch.bfloat16)
+        return {"cpu": cpu_model(), "float32_gflops": round(fp32, 1), "bfloat16_gflops": round(bf16, 1),
+                "bfloat16_faster": bf16 >= FASTER_BY * fp32}
+
+    return _cached_probe(_fingerprint(), measure)
 
 
 @lru_cache(maxsize=None)
@@ -167,23 +175,12 @@ def attention(implementation: str, q: torch.Tensor, k: torch.Tensor, v: torch.Te
 
 def probe_cpu_attention(dtype: str) -> dict:
     """Measured sdpa vs eager attention (forward + backward) in ``dtype`` on this CPU, cached per machine."""
-    from alignshield.io import write_json_atomic
+    def measure() -> dict:
+        sdpa, eager = (attention_seconds(kind, getattr(torch, dtype)) for kind in ("sdpa", "eager"))
+        return {"cpu": cpu_model(), "dtype": dtype, "sdpa_ms": round(1e3 * sdpa, 2),
+                "eager_ms": round(1e3 * eager, 2), "eager_faster": sdpa >= FASTER_BY * eager}
 
-    path, key = _cache_path(), f"{_fingerprint()}/attention/{dtype}"
-    try:
-        cached = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        cached = {}
-    if key in cached:
-        return cached[key]
-    sdpa, eager = attention_seconds("sdpa", getattr(torch, dtype)), attention_seconds("eager", getattr(torch, dtype))
-    result = {"cpu": cpu_model(), "dtype": dtype, "sdpa_ms": round(1e3 * sdpa, 2), "eager_ms": round(1e3 * eager, 2),
-              "eager_faster": sdpa >= FASTER_BY * eager}
-    try:
-        write_json_atomic(path, cached | {key: result})
-    except OSError as err:
-        log.debug("cannot cache the attention probe in %s: %s", path, err)
-    return result
+    return _cached_probe(f"{_fingerprint()}/attention/{dtype}", measure)
 
 
 @lru_cache(maxsize=None)
