@@ -86,11 +86,6 @@ def flops_per_token(model, seq_len: float) -> dict[str, float]:
 BASELINE_ATTENTION = "sdpa"  # transformers' default, before alignshield chose the kernel per machine
 
 
-def set_attention(model, implementation: str) -> None:
-    core = model.get_base_model() if hasattr(model, "get_base_model") else model
-    core.set_attn_implementation(implementation)
-
-
 def time_training(model, initial: dict, data: list, optimized: bool, seed: int, attention: str) -> dict:
     """Train ``data`` once (one window, batch 8) from the same initial LoRA; seconds and token counts.
     ``attention``: the optimized variant's kernel (the baseline uses ``BASELINE_ATTENTION``)."""
@@ -103,7 +98,7 @@ def time_training(model, initial: dict, data: list, optimized: bool, seed: int, 
         for name, p in model.named_parameters():
             if name in initial:
                 p.copy_(initial[name])
-    set_attention(model, attention if optimized else BASELINE_ATTENTION)
+    model.set_attn_implementation(attention if optimized else BASELINE_ATTENTION)
     steps = len(data) // 8
     args = TrainSettings(learning_rate=1e-4, max_steps=steps, batch_size=8, max_length=128, checkpoint_every=10**6,
                          group_by_length=optimized, sparse_logits=optimized, share_prefix=optimized)
@@ -146,7 +141,7 @@ def time_generation(model, tokenizer, cfg, n_prompts: int, attention: str) -> di
     generate_batch(model, tokenizer, harmful[:2], max_new_tokens=4, batch_size=2, progress=False)  # warm-up
     out = {}
     for variant, batch, share in (("optimized", cfg.evaluate.batch_size, True), ("baseline", 32, False)):
-        set_attention(model, attention if variant == "optimized" else BASELINE_ATTENTION)
+        model.set_attn_implementation(attention if variant == "optimized" else BASELINE_ATTENTION)
         t0 = time.perf_counter()
         h = generate_batch(model, tokenizer, harmful, max_new_tokens=cfg.evaluate.max_new_tokens, batch_size=batch,
                            share_prefix=share, progress=False)

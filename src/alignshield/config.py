@@ -255,6 +255,12 @@ class RepairConfig(StageConfig):
     The paper presets use the paper's 2000: rows [2200, 4200)."""
 
 
+ANALYSIS_METRICS = ("alignment_loss", "harmful_embedding_drift")
+"""``evaluate.metrics`` computed on the alignment data (evaluate/drift.py)."""
+LM_EVAL_PREFIX = "lm-eval:"
+"""``evaluate.metrics`` entries ``lm-eval:TASK`` run an lm-evaluation-harness task (evaluate/capability.py)."""
+
+
 class LmEvalSettings(Strict):
     """lm-evaluation-harness settings for the ``lm-eval:TASK`` metrics (evaluate/capability.py)."""
 
@@ -326,12 +332,11 @@ class EvaluateConfig(Strict):
     @field_validator("metrics")
     @classmethod
     def _known_metrics(cls, names: list[str]) -> list[str]:
-        analysis = ("alignment_loss", "harmful_embedding_drift")
         for name in names:
-            if name not in analysis and not (name.startswith("lm-eval:") and len(name) > len("lm-eval:")):
-                close = difflib.get_close_matches(name, analysis, n=1)
+            if name not in ANALYSIS_METRICS and not (name.startswith(LM_EVAL_PREFIX) and name != LM_EVAL_PREFIX):
+                close = difflib.get_close_matches(name, ANALYSIS_METRICS, n=1)
                 hint = f" Did you mean {close[0]!r}?" if close else ""
-                raise ValueError(f"unknown metric {name!r}.{hint} Known: {', '.join(analysis)}, or "
+                raise ValueError(f"unknown metric {name!r}.{hint} Known: {', '.join(ANALYSIS_METRICS)}, or "
                                  "lm-eval:TASK (an lm-evaluation-harness task, e.g. lm-eval:arc_easy)")
         return names
 

@@ -116,6 +116,7 @@ def validate(cfg: RunConfig, upto: str = "evaluate") -> None:
     """Fail before any compute, for the stages up to ``upto``: unknown methods, tasks or judges, bad
     method params, a model that is not there, pools too small for the fine-tune mix or the evaluation,
     judges that cannot load, overlapping harmful pools. Nothing heavy is loaded."""
+    from alignshield.evaluate.capability import check_tasks, tasks_of
     from alignshield.evaluate.judges import check_available
     from alignshield.models.load import ModelSourceError, check_model_source
 
@@ -153,7 +154,7 @@ def validate(cfg: RunConfig, upto: str = "evaluate") -> None:
                                   "itself); launch without torchrun / accelerate launch, or use evaluate.backend=hf")
         for name in cfg.evaluate.judges:
             check_available(name, cfg.evaluate.judge_options.get(name))
-        _check_capability(cfg)
+        check_tasks(tasks_of(cfg.evaluate.metrics), cfg.evaluate.lm_eval.include_path)  # lm-eval:TASK metrics
         test_rows = len(task.rows("test"))
         if cfg.evaluate.task_n > test_rows:
             raise ConfigError(f"evaluate.task_n={cfg.evaluate.task_n}, but the {task.name} test split "
@@ -165,16 +166,6 @@ def validate(cfg: RunConfig, upto: str = "evaluate") -> None:
         "repair.calibration": load_pool(cfg.repair.calibration),
         "evaluate.harmful": load_pool(cfg.evaluate.harmful),
     })
-
-
-def _check_capability(cfg: RunConfig) -> None:
-    """The ``lm-eval:TASK`` metrics can run: lm-eval installed, every task known (evaluate/capability.py)."""
-    from alignshield.evaluate.capability import check_tasks, tasks_of
-
-    try:
-        check_tasks(tasks_of(cfg.evaluate.metrics), cfg.evaluate.lm_eval.include_path)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
 
 
 def _check_mix_sizes(cfg: RunConfig, task) -> None:

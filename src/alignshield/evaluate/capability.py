@@ -23,13 +23,14 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
-PREFIX = "lm-eval:"
+from alignshield.config import LM_EVAL_PREFIX, ConfigError
+
 INSTALL_HINT = "pip install 'alignshield[lm-eval]' (or pip install lm-eval)"
 
 
 def tasks_of(metrics: list[str]) -> list[str]:
     """The lm-eval task names among ``evaluate.metrics`` (``lm-eval:TASK``), in order."""
-    return [m[len(PREFIX):] for m in metrics if m.startswith(PREFIX)]
+    return [m[len(LM_EVAL_PREFIX):] for m in metrics if m.startswith(LM_EVAL_PREFIX)]
 
 
 @functools.lru_cache(maxsize=4)
@@ -41,14 +42,14 @@ def _task_manager(include_path: str | None):
 
 def check_tasks(tasks: list[str], include_path: str | None) -> None:
     """Before any compute: lm-eval is installed, ``include_path`` exists and every task is known to it
-    (lm-eval indexes its task folders, ~10 s once per process). Raises ValueError with the fix."""
+    (lm-eval indexes its task folders, ~10 s once per process). Raises ConfigError with the fix."""
     if not tasks:
         return
     if importlib.util.find_spec("lm_eval") is None:
-        raise ValueError(f"evaluate.metrics names lm-eval tasks ({', '.join(tasks)}), but lm-eval is not "
+        raise ConfigError(f"evaluate.metrics names lm-eval tasks ({', '.join(tasks)}), but lm-eval is not "
                          f"installed: {INSTALL_HINT}")
     if include_path is not None and not Path(include_path).is_dir():
-        raise ValueError(f"evaluate.lm_eval.include_path={include_path}: no such folder (it holds your task YAMLs)")
+        raise ConfigError(f"evaluate.lm_eval.include_path={include_path}: no such folder (it holds your task YAMLs)")
     known = _task_manager(include_path).all_tasks
     unknown = [t for t in tasks if t not in known]
     if unknown:
@@ -57,7 +58,7 @@ def check_tasks(tasks: list[str], include_path: str | None) -> None:
         close = difflib.get_close_matches(unknown[0], known, n=3)
         hint = f" Close: {', '.join(close)}." if close else ""
         where = f" or in {include_path}" if include_path else " (tasks of your own: evaluate.lm_eval.include_path)"
-        raise ValueError(f"evaluate.metrics: lm-eval has no task {unknown[0]!r}{where}.{hint} "
+        raise ConfigError(f"evaluate.metrics: lm-eval has no task {unknown[0]!r}{where}.{hint} "
                          "List them with `lm-eval ls tasks`.")
 
 
@@ -69,8 +70,6 @@ def capability_metrics(model, tokenizer, tasks: list[str], settings, seed: int) 
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    if tokenizer.pad_token is None:  # lm-eval pads its batches
-        tokenizer.pad_token = tokenizer.eos_token
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size,
               device=str(next(model.parameters()).device))
     out = lm_eval.simple_evaluate(

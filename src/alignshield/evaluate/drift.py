@@ -29,11 +29,10 @@ from dataclasses import dataclass
 
 import torch
 
-from alignshield.config import RunConfig
+from alignshield.config import ANALYSIS_METRICS, RunConfig
 from alignshield.data.collate import IGNORE_INDEX, PadCollator, Tokenized, tokenize_pair
 from alignshield.data.pools import load_pool
 
-ANALYSIS_METRICS = ("alignment_loss", "harmful_embedding_drift")
 
 
 def analysis_examples(cfg: RunConfig, tokenizer) -> list[Tokenized]:
