@@ -123,6 +123,7 @@ def recorded_threshold() -> float:
     return float(json.loads((embedded.WEIGHTS_DIR / embedded.CONFIG_FILE).read_text())["model"]["threshold"])
 
 
+@pytest.mark.slow  # 2 min: the whole held-out split is scored; CI runs it in its own step (`-m slow`)
 @needs_encoder
 def test_quality_report_is_reproduced_by_its_script():
     """benchmarks/judge_quality.py rebuilds the held-out split and scores the shipped weights: its
