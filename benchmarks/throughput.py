@@ -12,10 +12,11 @@ projections, as the embedded default trains it):
   MLP shape, measured before and after the rest, the best kept), torch's threads as configured.
 * **training**: the same examples trained twice with ``alignshield.train.Trainer``: once as the
   embedded default does (``train.group_by_length``, ``train.sparse_logits`` and ``train.share_prefix``
-  on, and the attention kernel this machine resolves to: ``eager`` where it measured faster than
-  ``sdpa``, models/hardware.py), once with all of them off (the baseline: shuffled batches,
-  full-vocabulary logits at every position, every row's prompt computed in full, transformers'
-  default ``sdpa`` attention). Each variant trains one
+  on, ``model.adapter_compute=auto``, and the attention kernel this machine resolves to: ``eager``
+  where it measured faster than ``sdpa``, models/hardware.py), once with all of them off (the
+  baseline: shuffled batches, full-vocabulary logits and autograd's log-softmax at every position,
+  every row's prompt computed in full, the LoRA computing in float32, transformers' default ``sdpa``
+  attention). Each variant trains one
   window of examples, ``--steps`` batches of 8 of the align stage's data (``align.data.safety`` +
   ``align.data.benign``, max_length 128) and of the fine-tune mix (SST-2 with p = 0.1 harmful), so
   both do the same work but batch it differently. ``speedup_vs_baseline`` is the baseline's time over
@@ -91,7 +92,7 @@ def time_training(model, initial: dict, data: list, optimized: bool, seed: int, 
     ``attention``: the optimized variant's kernel (the baseline uses ``BASELINE_ATTENTION``)."""
     import torch
 
-    from alignshield.config import TrainSettings
+    from alignshield.config import ModelConfig, TrainSettings
     from alignshield.train import Trainer, shared_prefix_length
 
     with torch.no_grad():
@@ -103,8 +104,10 @@ def time_training(model, initial: dict, data: list, optimized: bool, seed: int, 
     args = TrainSettings(learning_rate=1e-4, max_steps=steps, batch_size=8, max_length=128, checkpoint_every=10**6,
                          group_by_length=optimized, sparse_logits=optimized, share_prefix=optimized)
     with tempfile.TemporaryDirectory() as work:
+        # the baseline's LoRA computes in float32 beside a bf16 base (PEFT's default), ours autocasts
+        precision = ModelConfig(adapter_compute="auto" if optimized else "float32")
         trainer = Trainer(model, data, args, Trainer.Params(), seed=seed, workdir=Path(work), pad_token_id=0,
-                          progress=False)
+                          model_config=precision, progress=False)
         batches = [trainer.collate([data[i] for i in idx]) for idx in _batch_indices(trainer, steps)]
         t0 = time.perf_counter()
         trainer.train()

@@ -153,3 +153,22 @@ def test_both_attention_formulas_of_the_probe_agree():
     mask[0, :, :, 12:] = False
     torch.testing.assert_close(hardware.attention("eager", q, k, v, mask), hardware.attention("sdpa", q, k, v, mask))
     assert hardware.attention_seconds("eager", torch.float32, (2, 3, 16, 8), reps=1) > 0
+
+
+# ------------------------------------------------------------------------------ adapter precision
+
+
+def test_adapter_compute_resolves_by_dtype_and_float32_keeps_the_former_keys(monkeypatch):
+    _cpu(monkeypatch, {"avx512_bf16"}, fp32=100, bf16=300)
+    _attention(monkeypatch, sdpa_s=0.09, eager_s=0.04)
+    bf16 = stages.resolve(load_config(overrides=["model.dtype=bfloat16"]))
+    fp32 = stages.resolve(load_config(overrides=["model.dtype=float32"]))
+    assert (bf16.model.adapter_compute, fp32.model.adapter_compute) == ("model", "float32")
+    dirs = {v: stages.stage_dirs(load_config(overrides=["model.dtype=bfloat16", f"model.adapter_compute={v}"]))["align"]
+            for v in ("auto", "model", "float32")}
+    assert dirs["auto"] == dirs["model"] != dirs["float32"]
+    # at float32 the field leaves the key: the key is what it was before the field existed
+    cfg = stages.resolve(load_config(overrides=["model.dtype=float32"]))
+    former = {k: v for k, v in cfg.model.model_dump(mode="json").items() if k != "adapter_compute"}
+    assert stages._key(cfg.model) == former
+    assert "adapter_compute" in stages._key(bf16.model)

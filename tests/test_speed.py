@@ -182,3 +182,51 @@ def test_generation_feeds_the_head_a_contiguous_input_and_shares_prefixes_exactl
                            share_prefix=False)
     assert seen and all(seen)
     assert shared.answers == plain.answers and shared.new_tokens == plain.new_tokens
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_target_log_prob_equals_autograd_log_softmax(dtype):
+    """The chunked log-softmax at the targets and its backward equal autograd's float32 version (77
+    rows: two full chunks and a partial one)."""
+    from alignshield.train import TargetLogProb
+
+    torch.manual_seed(0)
+    logits = (4 * torch.randn(77, 500)).to(dtype).requires_grad_()
+    targets = torch.randint(0, 500, (77,))
+    weights = torch.rand(77)  # an upstream gradient that differs per row
+    ours = TargetLogProb.apply(logits, targets)
+    (g_ours,) = torch.autograd.grad((ours * weights).sum(), logits)
+    theirs = torch.log_softmax(logits.float(), dim=-1).gather(1, targets[:, None]).squeeze(1)
+    (g_theirs,) = torch.autograd.grad((theirs * weights).sum(), logits)
+    assert ours.dtype == torch.float32 and g_ours.dtype == dtype
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+    tol = {"rtol": 1e-5, "atol": 1e-7} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-5}
+    torch.testing.assert_close(g_ours, g_theirs, **tol)
+
+
+def test_adapter_compute_model_autocasts_only_the_forward_and_keeps_float32_master_weights(tokenizer, tmp_path):
+    """``model.adapter_compute``: on a bfloat16 base the float32 LoRA computes in bfloat16 under
+    autocast (``model``/``auto``) or in float32 (``float32``); its weights, gradients and optimizer
+    stay float32, the model's forward is restored after training, the losses agree to bf16 precision."""
+    from alignshield.config import ModelConfig
+
+    data = [tokenize_pair(tokenizer, Example(f"question {i}", "", "I'm sorry, I cannot help."), "alpaca", 64)
+            for i in range(16)]
+    losses = {}
+    for setting in ("model", "float32"):
+        model = attach_lora(make_model(dtype=torch.bfloat16), LORA)
+        seen = []
+        lora_a = next(m for n, m in model.named_modules() if n.endswith("q_proj.lora_A.default"))
+        lora_a.register_forward_hook(lambda m, a, out: seen.append(out.dtype))
+        trainer = Trainer(model, data, TrainSettings(learning_rate=1e-3, max_steps=3, batch_size=4), MethodParams(),
+                          seed=0, workdir=tmp_path / setting, pad_token_id=tokenizer.eos_token_id,
+                          model_config=ModelConfig(adapter_compute=setting), progress=False)
+        trainer.train()
+        expected = torch.bfloat16 if setting == "model" else torch.float32
+        assert seen and set(seen) == {expected}
+        assert all(p.dtype == torch.float32 for p in trainer.trainable)
+        assert all(s["exp_avg"].dtype == torch.float32 for s in trainer.optimizer.state.values())
+        assert "forward" not in vars(trainer.model)
+        losses[setting] = [h["loss"] for h in trainer.history]
+    assert ModelConfig().adapter_compute == "auto"
+    torch.testing.assert_close(torch.tensor(losses["model"]), torch.tensor(losses["float32"]), rtol=2e-2, atol=0)

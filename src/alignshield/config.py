@@ -57,6 +57,14 @@ class ModelConfig(Strict):
     for most models). ``auto``: ``eager`` on a CPU where it is measured faster in the dtype in use
     (bfloat16 on an AVX512-BF16 CPU, where PyTorch's CPU sdpa kernel is slower with a padding mask),
     else null. Resolved before hashing, so the choice is part of the stage keys."""
+    adapter_compute: Literal["auto", "float32", "model"] = "auto"
+    """The precision a trained LoRA adapter computes in beside a bfloat16/float16 base model. PEFT
+    keeps the adapter's weights in float32 (``float32``: its matmuls too, casting every activation to
+    float32 and back). ``model``: its matmuls run in the base model's dtype under ``torch.autocast``,
+    as transformers' Trainer does with ``bf16=True``; the weights, their gradients and the optimizer
+    stay float32. ``auto``: ``model`` for a bfloat16/float16 base, ``float32`` otherwise (a float32
+    base computes in float32 either way). Resolved before hashing: ``float32`` leaves the stage keys
+    as they were before this field existed. Measured in docs/benchmarks.md."""
     decoder_layers: str | None = None
     """Dotted path to the decoder-layer list (e.g. ``model.layers``); discovered when unset."""
     attention_module: str | None = None
@@ -107,7 +115,9 @@ class TrainSettings(Strict):
     shared. False: plain shuffled batches."""
     sparse_logits: bool = True
     """Compute the output head and the loss only at the positions that predict a label (the prompt
-    and padding are masked anyway): the same loss, a fraction of the head's cost. False: full logits."""
+    and padding are masked anyway), their log-softmax in row chunks without float32 copies of the
+    logits (``train.TargetLogProb``): the same loss, a fraction of the head's cost. False: full
+    logits and autograd's log-softmax, as transformers computes them."""
     share_prefix: bool = True
     """Compute the tokens that every example of a batch starts with (the prompt template's preamble,
     a task's shared instruction) once per batch instead of once per example: the same loss and

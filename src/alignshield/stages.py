@@ -28,7 +28,7 @@ from alignshield.data.pools import Example, check_disjoint, load_pool
 from alignshield.evaluate.judges import JUDGES
 from alignshield.finetune import FINETUNE_METHODS
 from alignshield.io import atomic_dir, held_lock, write_json_atomic, write_jsonl_atomic, write_text_atomic
-from alignshield.models.load import resolve_attention, resolve_dtype
+from alignshield.models.load import resolve_adapter_compute, resolve_attention, resolve_dtype
 from alignshield.models.lora import ADAPTER_DIR, MODEL_DIR, attach_lora, is_peft, load_adapter, merge_adapter
 from alignshield.repair import REPAIR_METHODS
 from alignshield.seeding import derive_seed
@@ -49,6 +49,7 @@ def resolve(cfg: RunConfig) -> RunConfig:
     cfg = cfg.model_copy(deep=True)
     cfg.model.dtype = resolve_dtype(cfg.model)
     cfg.model.attn_implementation = resolve_attention(cfg.model)
+    cfg.model.adapter_compute = resolve_adapter_compute(cfg.model)
     if cfg.finetune.topology is None:
         method = FINETUNE_METHODS.get(cfg.finetune.method) if cfg.finetune.method in FINETUNE_METHODS else None
         cfg.finetune.topology = getattr(method, "topology", "two-lora")
@@ -61,7 +62,7 @@ def resolve(cfg: RunConfig) -> RunConfig:
 def stage_dirs(cfg: RunConfig) -> dict[str, Path]:
     cfg = resolve(cfg)
     root = Path(cfg.output_dir)
-    common = {"seed": cfg.seed, "template": cfg.template, "model": cfg.model.model_dump(mode="json")}
+    common = {"seed": cfg.seed, "template": cfg.template, "model": _key(cfg.model)}
     a = stable_hash(common, cfg.align.model_dump(mode="json"))
     # a fine-tune that trains nothing is keyed by its method and task alone (the task because the
     # evaluation's accuracy is measured on it and its key builds on this one): n, p, lr... are unused
@@ -81,10 +82,12 @@ def stage_dirs(cfg: RunConfig) -> dict[str, Path]:
     }
 
 
-ADDED_LATER = {"select": lambda section: section.select.method == "random",
+ADDED_LATER = {"adapter_compute": lambda section: section.adapter_compute == "float32",
+               "select": lambda section: section.select.method == "random",
                "backend": lambda section: section.backend == "hf",
                "lm_eval": lambda section: section.lm_eval == type(section.lm_eval)()}
-"""Fields added after stages were computed, and when they leave the key: ``finetune.select`` when
+"""Fields added after stages were computed, and when they leave the key: ``model.adapter_compute``
+at ``float32`` (what every run computed before it existed), ``finetune.select`` when
 the selection is random (its other settings are then unused), ``evaluate.backend`` at ``hf``,
 ``evaluate.lm_eval`` at its defaults. So the
 folders computed before the fields existed stay valid, and equal runs keep one folder."""

@@ -161,15 +161,58 @@ class _HeadMismatch(Exception):
 _FULL_LOGITS: set[type] = set()
 
 
-def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of the labelled-position ``logits`` [N, V], bit for bit what
-    transformers' causal-LM loss computes on the full logits: float32 log-softmax per row (``.float()``,
-    also from float64), then ``nll_loss`` with ``ignore_index`` over every position of ``labels``, so
-    its summation order is the same. No label at all (every answer cut off by max_length) gives 0
-    with a graph, not NaN."""
+class TargetLogProb(torch.autograd.Function):
+    """log softmax(logits)[i, targets[i]] per row, in float32, without the [N, V] float32 copies.
+
+    What ``log_softmax(logits.float()).gather(1, targets)`` computes, rows in chunks of
+    ``CHUNK``: forward keeps only the per-row log-sum-exp; backward rebuilds the softmax chunk by
+    chunk, ``d/dlogits = g * (onehot - softmax)``, in float32, cast to the logits' dtype. The
+    autograd version keeps a float32 log-softmax of the whole [N, V] block for backward and fills a
+    zero [N, V] block for the gather; at the 49k-token vocabulary of SmolLM2 and ~700 labelled
+    positions that is ~0.3 GB of traffic per step. The loss is the same formula (x - max - log sum
+    exp(x - max)); the sum's order, hence the last float32 bits, may differ."""
+
+    CHUNK = 32
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        n, step = logits.shape[0], TargetLogProb.CHUNK
+        picked = torch.empty(n, dtype=torch.float32, device=logits.device)
+        lse = torch.empty_like(picked)
+        for i in range(0, n, step):
+            x = logits[i:i + step].float()
+            peak = x.amax(1, keepdim=True)
+            log_sum = (x - peak).exp_().sum(1, keepdim=True).log_()
+            picked[i:i + step] = (x.gather(1, targets[i:i + step, None]) - peak - log_sum).squeeze(1)
+            lse[i:i + step] = (peak + log_sum).squeeze(1)
+        ctx.save_for_backward(logits, targets, lse)
+        return picked
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        logits, targets, lse = ctx.saved_tensors
+        out, step = torch.empty_like(logits), TargetLogProb.CHUNK
+        for i in range(0, logits.shape[0], step):
+            p = (logits[i:i + step].float() - lse[i:i + step, None]).exp_()  # softmax
+            p.scatter_add_(1, targets[i:i + step, None], p.new_full((p.shape[0], 1), -1.0))
+            out[i:i + step] = p.mul_(-grad[i:i + step, None])
+        return out, None
+
+
+def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, labels: torch.Tensor,
+                        fused: bool = True) -> torch.Tensor:
+    """Mean next-token cross-entropy of the labelled-position ``logits`` [N, V], what transformers'
+    causal-LM loss computes on the full logits: a float32 log-softmax per row (``TargetLogProb`` when
+    ``fused``; else, and for float64 logits, which exist to check the math, autograd's
+    ``log_softmax(logits.float())``, bit for bit transformers'), then ``nll_loss`` with ``ignore_index`` over every position of
+    ``labels``, so its summation order is the same. No label at all (every answer cut off by
+    max_length) gives 0 with a graph, not NaN."""
     if not len(targets):
         return logits.float().sum() * 0
-    picked = torch.log_softmax(logits.float(), dim=-1).gather(1, targets[:, None])
+    if not fused or logits.dtype == torch.float64:
+        picked = torch.log_softmax(logits.float(), dim=-1).gather(1, targets[:, None])
+    else:
+        picked = TargetLogProb.apply(logits, targets)[:, None]
     keep = (labels[:, 1:] != IGNORE_INDEX).reshape(-1)
     every = picked.new_zeros(keep.numel(), 1).index_put((keep,), picked)
     return torch.nn.functional.nll_loss(every, torch.where(keep, 0, IGNORE_INDEX), ignore_index=IGNORE_INDEX)
@@ -179,9 +222,10 @@ def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], spars
                    share_prefix: bool = False) -> torch.Tensor:
     """What ``model(**batch).loss`` computes (mean cross-entropy over the answer tokens), with the
     logits computed at the labelled positions only when ``sparse`` and the batch's common prefix
-    computed once when ``share_prefix`` (``labelled_logits``)."""
+    computed once when ``share_prefix`` (``labelled_logits``); ``sparse`` also takes the chunked
+    log-softmax (``TargetLogProb``)."""
     _, logits, targets = labelled_logits(model, batch, sparse=sparse, share_prefix=share_prefix)
-    return token_cross_entropy(logits, targets, batch["labels"])
+    return token_cross_entropy(logits, targets, batch["labels"], fused=sparse)
 
 
 class Trainer:
@@ -324,7 +368,41 @@ class Trainer:
                 micro += 1
                 yield batch
 
+    def autocast_dtype(self) -> torch.dtype | None:
+        """The dtype the forward passes autocast to: the base model's, when it is bfloat16/float16 and
+        ``model.adapter_compute`` is ``model`` or ``auto`` (the float32 LoRA then computes in it; its
+        weights, gradients and optimizer state stay float32). None: no autocast."""
+        if self.model_config.adapter_compute == "float32":
+            return None
+        frozen = [p.dtype for p in self.unwrapped_model().parameters() if not p.requires_grad and p.is_floating_point()]
+        half = frozen[0] if frozen and frozen[0] in (torch.bfloat16, torch.float16) else None
+        return half if half is not None and any(p.dtype != half for p in self.trainable) else None
+
+    @contextlib.contextmanager
+    def autocast_forward(self):
+        """While training, every forward of the model (the methods' extra passes included) runs under
+        ``torch.autocast`` to ``autocast_dtype()``; backward and the optimizer step do not."""
+        dtype = self.autocast_dtype()
+        if dtype is None:
+            yield
+            return
+        model, own = self.model, "forward" in vars(self.model)
+        original = model.forward
+        device = next(iter(self.trainable)).device.type
+        model.forward = torch.autocast(device_type=device, dtype=dtype)(original)
+        try:
+            yield
+        finally:
+            if own:
+                model.forward = original
+            else:
+                del model.forward
+
     def train(self) -> dict[str, Any]:
+        with self.autocast_forward():
+            return self._train()
+
+    def _train(self) -> dict[str, Any]:
         self._resume()
         start, t0 = self.step, time.perf_counter()
         from tqdm.auto import tqdm

@@ -70,6 +70,13 @@ def resolve_attention(cfg: ModelConfig) -> str | None:
     return auto_attention(compute_device(cfg), resolve_dtype(cfg))
 
 
+def resolve_adapter_compute(cfg: ModelConfig) -> str:
+    """``cfg.adapter_compute`` with ``auto`` replaced: ``model`` for a bfloat16/float16 base, else ``float32``."""
+    if cfg.adapter_compute != "auto":
+        return cfg.adapter_compute
+    return "model" if resolve_dtype(cfg) in ("bfloat16", "float16") else "float32"
+
+
 def model_source(cfg: ModelConfig) -> tuple[str, dict]:
     """Where from_pretrained should read, and the extra arguments it needs."""
     if cfg.name == EMBEDDED_NAME:
