@@ -204,9 +204,9 @@ def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, labels: tor
     """Mean next-token cross-entropy of the labelled-position ``logits`` [N, V], what transformers'
     causal-LM loss computes on the full logits: a float32 log-softmax per row (``TargetLogProb`` when
     ``fused``; else, and for float64 logits, which exist to check the math, autograd's
-    ``log_softmax(logits.float())``, bit for bit transformers'), then ``nll_loss`` with ``ignore_index`` over every position of
-    ``labels``, so its summation order is the same. No label at all (every answer cut off by
-    max_length) gives 0 with a graph, not NaN."""
+    ``log_softmax(logits.float())``, bit for bit transformers'), then ``nll_loss`` with
+    ``ignore_index`` over every position of ``labels``, so its summation order is the same. No label
+    at all (every answer cut off by max_length) gives 0 with a graph, not NaN."""
     if not len(targets):
         return logits.float().sum() * 0
     if not fused or logits.dtype == torch.float64:
@@ -374,9 +374,11 @@ class Trainer:
         weights, gradients and optimizer state stay float32). None: no autocast."""
         if self.model_config.adapter_compute == "float32":
             return None
-        frozen = [p.dtype for p in self.unwrapped_model().parameters() if not p.requires_grad and p.is_floating_point()]
-        half = frozen[0] if frozen and frozen[0] in (torch.bfloat16, torch.float16) else None
-        return half if half is not None and any(p.dtype != half for p in self.trainable) else None
+        base = next((p.dtype for p in self.unwrapped_model().parameters()
+                     if not p.requires_grad and p.is_floating_point()), None)
+        if base not in (torch.bfloat16, torch.float16):
+            return None
+        return base if any(p.dtype != base for p in self.trainable) else None
 
     @contextlib.contextmanager
     def autocast_forward(self):
