@@ -223,7 +223,7 @@ def test_run_with_two_judges_reports_agreement_and_analysis(tiny_model_dir, tmp_
 
 
 @pytest.mark.parametrize("option, error", [
-    ("evaluate.judge_options.keyword.min_word=3", "Did you mean 'min_words'"),
+    ("evaluate.judge_options.keyword.min_word=3", "did you mean 'min_words'"),
     ("evaluate.judge_options.embedded.threshold=1.5", "judge_options.embedded.threshold: .*less than or equal"),
 ])
 def test_bad_judge_options_fail_before_any_training(tiny_model_dir, tmp_path, option, error):

@@ -101,10 +101,10 @@ def test_registry_lists_every_judge():
 
 
 def test_unknown_option_is_a_config_error_with_suggestion():
-    with pytest.raises(ConfigError, match=r"judge_options.keyword: unknown option\(s\) 'min_word'.*'min_words'"):
+    with pytest.raises(ConfigError, match=r"judge_options.keyword.min_word: unknown key; did you mean 'min_words'"):
         make_judge("keyword", {"min_word": 3})
-    with pytest.raises(ConfigError, match=r"'treshold' for judge 'embedded'. Did you mean 'threshold'\? "
-                                          r"Its options: threshold, batch_size, weights, device, max_length"):
+    with pytest.raises(ConfigError, match=r"judge_options.embedded.treshold: unknown key; did you mean 'threshold'\? "
+                                          r"Known: batch_size, device, max_length, threshold, weights"):
         check_available("embedded", {"treshold": 0.4})
 
 
@@ -138,7 +138,7 @@ def test_bad_option_is_a_config_error_naming_judge_and_field_before_loading(name
     monkeypatch.setattr(judge, "__init__", lambda *a, **k: pytest.fail("the judge loaded"))
     if hasattr(judge, "check_available"):
         monkeypatch.setattr(judge, "check_available", lambda *a: pytest.fail("checked its files"))
-    pattern = rf"evaluate\.judge_options\.{re.escape(name)}\.{field}: .*{re.escape(problem)}.*\(judge '{name}'\)"
+    pattern = rf"evaluate\.judge_options\.{re.escape(name)}\.{field}: .*{re.escape(problem)}.*\(got "
     with pytest.raises(ConfigError, match=pattern):
         check_available(name, options)
     with pytest.raises(ConfigError, match=pattern):
@@ -152,7 +152,7 @@ def test_judges_take_params_or_keyword_options():
     assert by_keyword.params == by_params.params == make_judge("keyword", {"min_words": 2}).params
     assert by_keyword.gate.min_words == 2 and KeywordJudge().gate.min_words == 4
     assert KeywordJudge().params == KeywordParams() and KeywordJudge({"min_words": 2}).params == by_params.params
-    with pytest.raises(ConfigError, match="judge_options.keyword.*Did you mean 'min_words'"):
+    with pytest.raises(ConfigError, match="judge_options.keyword.min_word: unknown key; did you mean 'min_words'"):
         KeywordJudge(min_word=2)
     with pytest.raises(TypeError, match="not both"):
         KeywordJudge(KeywordParams(), min_words=2)
@@ -386,9 +386,9 @@ def test_registry_lists_the_guards():
     ("harmaug-guard", "treshold", "threshold"), ("duoguard", "tokeniser", "tokenizer"),
     ("qwen3guard", "strikt", "strict")])
 def test_guard_unknown_option_is_a_config_error(name, option, suggestion):
-    with pytest.raises(ConfigError, match=rf"judge_options.{name}: unknown option\(s\) '{option}'.*'{suggestion}'"):
+    with pytest.raises(ConfigError, match=rf"judge_options.{name}.{option}: unknown key; did you mean '{suggestion}'"):
         make_judge(name, {option: 1})
-    with pytest.raises(ConfigError, match="unknown option"):  # a fixed part of the preset is not an option
+    with pytest.raises(ConfigError, match="flagged_labels: unknown key"):  # a fixed part of the preset is not an option
         check_available(name, {"flagged_labels": ["unsafe"]})
 
 

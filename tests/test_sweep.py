@@ -664,10 +664,9 @@ def test_declared_tables_and_facets_are_recorded_with_the_sweep(tmp_path):
     assert "tables" not in expand({"overrides": {"output_dir": str(tmp_path)}, "grid": {"seed": [1]}}).spec()
 
 
-def test_report_renders_declared_tables_and_faceted_plots(tmp_path, saved_figures):
-    """A declared table replaces the default one (its rows: the group_by combinations, averaged over the
-    rest); a faceted plot is one figure with a panel per facet value, each the plot on that subset."""
-    out = tmp_path / "runs"
+def _faceted_sweep(out: Path) -> None:
+    """Sweep ``fac`` in ``out``: sft/vaccine x p 0/0.1 x repair none/antidote x seeds 1, 2, declaring a
+    faceted plot and one table (HS per method and repair)."""
     spec = {"axes": [{"fields": [f]} for f in ("align.method", "finetune.p", "repair.method", "seed")],
             "plots": [{"x": "finetune.p", "series": ["align.method"], "facets": ["repair.method"]}],
             "tables": [{"group_by": ["align.method", "repair.method"], "metrics": ["harmful_score/*"],
@@ -686,6 +685,26 @@ def test_report_renders_declared_tables_and_faceted_plots(tmp_path, saved_figure
                                          {"harmful_score/keyword": hs, "harmful_prompts": 100,
                                           "finetune_accuracy/strict": 80.0}, sweep="fac", position=i)
                         i += 1
+
+
+def test_results_shows_a_sweeps_declared_tables_unless_asked_for_other_columns(tmp_path):
+    out = tmp_path / "runs"
+    _faceted_sweep(out)
+    shown = CliRunner().invoke(app, ["results", "-o", str(out), "-s", "fac"])
+    assert shown.exit_code == 0, shown.output
+    assert "HS per method and repair: 16 runs" in shown.output
+    assert re.search(r"sft\s+│\s+none\s+│\s+4\s+│\s+1,2\s+│\s+46\.50 ± 5\.80 \[41\.7, 51\.4\]", shown.output)
+    assert "finetune_accuracy/strict" not in shown.output and "finetune.p" not in shown.output
+    grouped = CliRunner().invoke(app, ["results", "-o", str(out), "-s", "fac", "-g", "finetune.p"])
+    assert grouped.exit_code == 0 and "HS per method" not in grouped.output
+    assert "finetune.p" in grouped.output and "finetune_accuracy/strict" in grouped.output
+
+
+def test_report_renders_declared_tables_and_faceted_plots(tmp_path, saved_figures):
+    """A declared table replaces the default one (its rows: the group_by combinations, averaged over the
+    rest); a faceted plot is one figure with a panel per facet value, each the plot on that subset."""
+    out = tmp_path / "runs"
+    _faceted_sweep(out)
     report = rp.build_report(out, tmp_path / "report")
     md, page = report.markdown.read_text(), report.html.read_text()
     # sft without repair: 41, 42 (p = 0) and 51, 52 (p = 0.1), 186 of 400 answers pooled; vaccine with: 66

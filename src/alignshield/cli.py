@@ -532,7 +532,7 @@ def results_command(
         False, "--compare", help="Also compare, pairwise over shared seeds and prompts, the harmful score of every "
         "two groups that differ in one field: A − B with a 95 % bootstrap interval and a permutation p."),
 ) -> None:
-    """Mean ± std over seeds per group, from <output-dir>/results.sqlite."""
+    """Mean ± std over seeds per group, from <output-dir>/results.sqlite (a --sweep: its declared tables)."""
     from alignshield.experiments import report as rp
     from alignshield.experiments.store import ResultStore, StoreError
 
@@ -547,14 +547,21 @@ def results_command(
         fields = [f.strip() for f in group_by.split(",") if f.strip()] if group_by else rp.swept_fields(runs)
         metrics = rp.metric_names(runs, [m.strip() for m in metric.split(",")] if metric else None)
         groups = rp.aggregate(runs, fields, metrics)
-        header, rows = rp.results_table(groups, fields, metrics)
-        table = Table(show_header=True, title=f"{len(runs)} runs: mean ± std over seeds "
-                      "[harmful scores: 95 % Wilson interval of the pooled answers]")
-        for i, col in enumerate(header):
-            table.add_column(col, justify="right" if i >= len(fields) else "left")
-        for row in rows:
-            table.add_row(*row)
-        _wide_console().print(table)
+        title = f"{len(runs)} runs: mean ± std over seeds [harmful scores: 95 % Wilson interval of the pooled answers]"
+        # a sweep's own tables (``tables:`` in its grid file), as the report shows them, unless asked otherwise
+        declared = [] if group_by or metric or not sweep else store.sweeps()[sweep]["spec"].get("tables") or []
+        notes: list[str] = []
+        shown = [(rp.declared_table(runs, spec, notes), len(spec["group_by"])) for spec in declared] or \
+            [(rp.Table(None, *rp.results_table(groups, fields, metrics)), len(fields))]
+        for t, labels in shown:
+            table = Table(show_header=True, title=f"{t.title}: {title}" if t.title else title)
+            for i, col in enumerate(t.header):
+                table.add_column(col, justify="right" if i >= labels else "left")
+            for row in t.rows:
+                table.add_row(*row)
+            _wide_console().print(table)
+        for note in notes:
+            console.print(note)
         if csv_path:
             rp.write_csv(csv_path, groups, fields, metrics)
             console.print(f"wrote {csv_path}")

@@ -176,7 +176,7 @@ class StageConfig(Strict):
         try:
             return cls(**self.params)
         except ValidationError as err:
-            raise ConfigError(_format_validation(err, prefix=f"{self._section}.params", model=cls)) from None
+            raise ConfigError(format_validation(err, prefix=f"{self._section}.params", model=cls)) from None
 
     _section: str = "stage"
 
@@ -426,7 +426,7 @@ def load_config(
         cfg = RunConfig(**data)
     except ValidationError as err:
         where = f" (from {', '.join(sources)} and overrides)" if sources else ""
-        raise ConfigError(_format_validation(err, model=RunConfig) + where) from None
+        raise ConfigError(format_validation(err, model=RunConfig) + where) from None
     return cfg
 
 
@@ -468,22 +468,36 @@ def _set_dotted(data: dict, key: str, value: Any) -> None:
     node[leaf] = value
 
 
-def _format_validation(err: ValidationError, model: type[BaseModel], prefix: str = "") -> str:
-    lines = []
+def format_validation(err: ValidationError, model: type[BaseModel], prefix: str = "") -> str:
+    """One line per problem in ``err`` (pydantic's errors for ``model``): ``config field <prefix>.<loc>:``
+    the problem, the value given where there was one, and for an unknown key the closest known one (or
+    all of them). The one formatter of validation errors: configs, method params, judge options, grids
+    and attack files."""
+    lines: list[str] = []
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"])
-        full = f"{prefix}.{loc}" if prefix else loc
-        msg = e["msg"]
+        full = ".".join(part for part in (prefix, loc) if part)
+        msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key" + unknown_key_hint(str(e["loc"][-1]), _fields_at(model, e["loc"][:-1]))
-        lines.append(f"config field {full}: {msg}")
+        elif e["type"] != "missing" and e["loc"]:
+            msg += f" (got {_short(e['input'])})"
+        line = f"config field {full}: {msg}"
+        if line not in lines:
+            lines.append(line)
     return "\n".join(lines)
 
 
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def unknown_key_hint(name: str, known: list[str]) -> str:
-    """``; did you mean 'x'?`` for the closest known key, else ``; known: a, b, c``."""
+    """``; did you mean 'x'? Known: a, b, c`` (the suggestion only where a known key is close)."""
     close = difflib.get_close_matches(name, known, n=1)
-    return f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(known)}"
+    listed = ", ".join(known) or "(none)"
+    return f"; did you mean {close[0]!r}? Known: {listed}" if close else f"; known: {listed}"
 
 
 def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:

@@ -32,6 +32,7 @@ import torch
 from alignshield.config import ANALYSIS_METRICS, RunConfig
 from alignshield.data.collate import IGNORE_INDEX, PadCollator, Tokenized, tokenize_pair
 from alignshield.data.pools import load_pool
+from alignshield.models.layers import unwrapped
 
 
 
@@ -54,7 +55,7 @@ class PassResult:
 
 def _backbone(model: torch.nn.Module):
     """The module whose output is the last hidden layer (LlamaModel, GPT2Model, ...), or None."""
-    core = model.get_base_model() if hasattr(model, "get_base_model") else model
+    core = unwrapped(model)
     backbone = getattr(core, "base_model", None)
     return backbone if backbone is not None and backbone is not core else None
 

@@ -54,7 +54,7 @@ from typing import Any, Callable
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from alignshield.config import ConfigError, Strict, _format_validation, read_mapping, stable_hash
+from alignshield.config import ConfigError, Strict, format_validation, read_mapping, stable_hash
 from alignshield.seeding import derive_seed
 
 ATTACKS_DIR = Path(__file__).resolve().parent.parent / "resources" / "attacks"
@@ -126,7 +126,7 @@ class AttackSpec(Strict):
         try:
             return AttackSpec(**(self.model_dump() | changes))
         except ValidationError as err:
-            raise ConfigError(f"{where}: " + _format_validation(err, model=AttackSpec)) from None
+            raise ConfigError(f"{where}: " + format_validation(err, model=AttackSpec)) from None
 
     @field_validator("space")
     @classmethod
@@ -186,7 +186,7 @@ def load_attack(name_or_path: str | Path) -> tuple[AttackSpec, Path]:
     try:
         return AttackSpec(**data), path
     except ValidationError as err:
-        raise ConfigError(f"{path}: " + _format_validation(err, model=AttackSpec).replace("\n", f"\n{path}: ")) from None
+        raise ConfigError(f"{path}: " + format_validation(err, model=AttackSpec).replace("\n", f"\n{path}: ")) from None
 
 
 # ------------------------------------------------------------------------------ the search

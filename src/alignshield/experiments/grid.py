@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterable
 
 from pydantic import ValidationError
 
-from alignshield.config import (ConfigError, RunConfig, Strict, _deep_merge, _format_validation, _set_dotted,
+from alignshield.config import (ConfigError, RunConfig, Strict, _deep_merge, format_validation, _set_dotted,
                                 load_config, parse_assignment, read_mapping)
 
 GRIDS_DIR = Path(__file__).resolve().parent.parent / "resources" / "grids"
@@ -342,7 +342,7 @@ def _spec(model: type[Strict], item: Any, where: str) -> Any:
     try:
         return model(**item)
     except ValidationError as err:
-        raise ConfigError(_format_validation(err, prefix=where, model=model)) from None
+        raise ConfigError(format_validation(err, prefix=where, model=model)) from None
 
 
 def _swept_only(fields: list[str], swept: list[str], where: str) -> None:
@@ -363,7 +363,7 @@ def _validate(data: dict[str, Any], where: str) -> RunConfig:
     try:
         return RunConfig(**data)
     except ValidationError as err:
-        raise ConfigError(f"{where}:\n{_format_validation(err, model=RunConfig)}") from None
+        raise ConfigError(f"{where}:\n{format_validation(err, model=RunConfig)}") from None
 
 
 def get_dotted(data: dict[str, Any], key: str, default: Any = None) -> Any:

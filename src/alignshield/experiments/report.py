@@ -327,14 +327,14 @@ def _section(name: str, runs: list[StoredRun], spec: dict, out: Path, hs: str | 
                  *(fmt(r.metrics.get(m)) for m in (hs, fa) if m), fmt(r.meta.get("wall_seconds")),
                  fmt(r.meta.get("peak_rss_mb")), ",".join(r.meta.get("computed") or [])] for r in runs]
     notes = _notes(runs)
-    tables = [_declared_table(runs, table, notes) for table in spec.get("tables") or []]
+    tables = [declared_table(runs, table, notes) for table in spec.get("tables") or []]
     figures = _figures(name, runs, spec, out, hs, fa, notes) if hs else []
     if not hs:
         notes.append("no harmful-score metric in these runs: nothing to plot")
     return Section(name, runs, spec, header, rows, run_header, run_rows, figures, notes, tables=tables)
 
 
-def _declared_table(runs: list[StoredRun], table: dict, notes: list[str]) -> Table:
+def declared_table(runs: list[StoredRun], table: dict, notes: list[str]) -> Table:
     """A table the grid declares (``tables:`` in the grid file): a row per ``group_by`` combination, the
     ``metrics`` (names or globs; default: the usual columns) as mean ± std over the rows' runs."""
     metrics = metric_names(runs, table.get("metrics") or None)

@@ -101,23 +101,26 @@ def discover(model: nn.Module, decoder_layers: str | None = None, attention_modu
     return DecoderLayout(path, names.pop() if len(names) == 1 else ",".join(sorted(names)), list(layers), attentions)
 
 
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The transformers model inside a DDP (``module``) and a PEFT (``get_base_model()``) wrapper, or the
+    model itself when it has neither."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def cache_argument(model: nn.Module) -> str:
     """The keyword a model's forward takes its key/value cache by: ``cache`` (transformers >= 5.x)
     or ``past_key_values`` (earlier)."""
     import inspect
 
-    model = getattr(model, "module", model)  # DDP
-    model = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return "cache" if "cache" in inspect.signature(unwrapped(model).forward).parameters else "past_key_values"
 
 
 def backbone(model: nn.Module) -> nn.Module:
     """The transformer under the output head (``base_model``: ``model`` for Llama, ``transformer`` for
     GPT-2 ...), through DDP and PEFT wrappers. (transformers 4.x's generic ``get_decoder`` returns None
     for the backbone of some models, so it is not used.)"""
-    model = getattr(model, "module", model)
-    model = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return model.base_model
+    return unwrapped(model).base_model
 
 
 def prefix_cache(model: nn.Module, prefix: torch.Tensor, batch_size: int):

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from alignshield.config import LoraSettings
+from alignshield.models.layers import unwrapped
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ def find_targets(model: nn.Module, target_modules: list[str] | None) -> tuple[li
     from peft.tuners.lora import LoraLayer
 
     adapter = active_adapter(model)
-    root = model.get_base_model() if hasattr(model, "get_base_model") else model
+    root = unwrapped(model)
     lora = [(n, m) for n, m in root.named_modules() if isinstance(m, LoraLayer) and adapter in m.lora_A]
     if not lora:
         raise ValueError(f"the model carries no LoRA layers for adapter {adapter!r}: nothing to repair")

@@ -38,6 +38,7 @@ from pydantic import Field
 from torch import nn
 
 from alignshield.data.collate import PadCollator, Tokenized
+from alignshield.models.layers import unwrapped
 from alignshield.models.lora import LoraTarget, check_mergeable, lora_delta, store_dense_delta
 from alignshield.repair import REPAIR_METHODS
 from alignshield.repair.prune import (
@@ -99,7 +100,7 @@ def calibration_batches(examples: list[Tokenized], batch_size: int, pad_token_id
 def _runner(model: nn.Module, hooked: Iterable[nn.Module]) -> nn.Module:
     """The transformer trunk when it holds every hooked module (skips the LM head: a vocabulary-sized
     matmul per token, about a fifth of SmolLM2's forward), else the whole model."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrapped(model)
     trunk = getattr(base, "base_model", None)
     if isinstance(trunk, nn.Module) and trunk is not base:
         inside = {id(m) for m in trunk.modules()}

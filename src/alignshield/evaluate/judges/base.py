@@ -16,13 +16,12 @@ built from validated Params (``Judge(params)``) or, for convenience, from keywor
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 from typing import Any, Mapping, Protocol, Sequence
 
 from pydantic import ValidationError
 
-from alignshield.config import ConfigError, Strict
+from alignshield.config import ConfigError, Strict, format_validation
 from alignshield.registry import Registry
 
 
@@ -55,34 +54,7 @@ def validate_params(name: str, cls: type[JudgeParams], options: Mapping[str, Any
     try:
         return cls(**dict(options or {}))
     except ValidationError as err:
-        raise ConfigError(_describe(name, cls, err)) from None
-
-
-def _describe(name: str, cls: type[JudgeParams], err: ValidationError) -> str:
-    where = f"evaluate.judge_options.{name}"
-    known = list(cls.model_fields)
-    unknown = sorted({str(e["loc"][0]) for e in err.errors() if e["type"] == "extra_forbidden"})
-    lines = []
-    if unknown:
-        close = difflib.get_close_matches(unknown[0], known, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        lines.append(f"{where}: unknown option(s) {', '.join(map(repr, unknown))} for judge {name!r}.{hint} "
-                     f"Its options: {', '.join(known) or '(none)'}")
-    problems: dict[str, list[str]] = {}  # field ("" for the options as a whole) -> its messages, once each
-    given: dict[str, str] = {}
-    for e in err.errors():
-        if e["type"] == "extra_forbidden":
-            continue
-        field = str(e["loc"][0]) if e["loc"] else ""
-        msg = e["msg"].removeprefix("Value error, ")
-        if msg not in problems.setdefault(field, []):
-            problems[field].append(msg)
-        if field and e["type"] != "missing":
-            given.setdefault(field, f" (got {e['input']!r})")
-    for field, msgs in problems.items():
-        lines.append(f"{where}{'.' + field if field else ''}: {'; '.join(msgs)}{given.get(field, '')} "
-                     f"(judge {name!r})")
-    return "\n".join(lines)
+        raise ConfigError(format_validation(err, cls, prefix=f"evaluate.judge_options.{name}")) from None
 
 
 def judge_params(judge: Any, params: JudgeParams | Mapping[str, Any] | None, options: Mapping[str, Any]) -> Any:
