@@ -4,4 +4,4 @@ from alignshield.registry import Registry
 
 ALIGN_METHODS: Registry = Registry("align method")
 
-from alignshield.align import booster, repnoise, sft, tar, tvaccine, vaccine  # noqa: E402,F401  (registers the built-in methods)
+from alignshield.align import booster, lox, repnoise, sft, tar, tvaccine, vaccine  # noqa: E402,F401  (registers the built-in methods)
