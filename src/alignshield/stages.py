@@ -133,11 +133,13 @@ def validate(cfg: RunConfig, upto: str = "evaluate") -> None:
             load_pool(pool)
     if upto != "align":
         cfg.finetune.resolved_params(FINETUNE_METHODS)
+        _check_alignment_lora(cfg, "finetune", FINETUNE_METHODS.get(cfg.finetune.method))
         task = TASKS.get(cfg.finetune.task)
         if FINETUNE_METHODS.get(cfg.finetune.method).trains:
             _check_mix_sizes(cfg, task)
     if upto in ("repair", "evaluate"):
         cfg.repair.resolved_params(REPAIR_METHODS)
+        _check_alignment_lora(cfg, "repair", REPAIR_METHODS.get(cfg.repair.method))
         if REPAIR_METHODS.get(cfg.repair.method).edits and not FINETUNE_METHODS.get(cfg.finetune.method).trains:
             raise ConfigError(f"repair.method={cfg.repair.method} edits the fine-tune adapter, but finetune.method="
                               f"{cfg.finetune.method} trains none: use repair.method=none")
@@ -169,6 +171,20 @@ def validate(cfg: RunConfig, upto: str = "evaluate") -> None:
         "repair.calibration": load_pool(cfg.repair.calibration),
         "evaluate.harmful": load_pool(cfg.evaluate.harmful),
     })
+
+
+def _check_alignment_lora(cfg: RunConfig, stage: str, method) -> None:
+    """A method that reads the alignment LoRA (#1) beside the fine-tune LoRA (#2) (``uses_alignment``:
+    asft, safelora) needs both: an alignment that trains one, and finetune.topology=two-lora."""
+    if not getattr(method, "uses_alignment", False):
+        return
+    who = f"{stage}.method={getattr(cfg, stage).method}"
+    topology = cfg.finetune.topology or getattr(FINETUNE_METHODS.get(cfg.finetune.method), "topology", "two-lora")
+    if topology != "two-lora":
+        raise ConfigError(f"{who} reads the alignment LoRA (#1) beside the fine-tune LoRA (#2): it needs "
+                          f"finetune.topology=two-lora, not {topology}")
+    if not ALIGN_METHODS.get(cfg.align.method).trains:
+        raise ConfigError(f"{who} reads the alignment LoRA (#1), but align.method={cfg.align.method} trains none")
 
 
 def _check_mix_sizes(cfg: RunConfig, task) -> None:
@@ -270,7 +286,7 @@ def finetune(cfg: RunConfig) -> Path:
         # the alignment pool, for fine-tune-stage defences that use it (EWC's Fisher, Lisa, VLGuard mixing),
         # and which user examples are harmful (VLGuard replaces benign ones)
         extra = {"alignment": _tokenize(load_pool(cfg.align.data.safety), tokenizer, cfg, ft.train.max_length),
-                 "user_harmful": [h for _, h in mix]}
+                 "user_harmful": [h for _, h in mix], "align_adapter": adapter if adapter.exists() else None}
         report |= _train(method, model, train_set, cfg, "finetune", params, work, out, tokenizer, extra)
         _finish_stage(work, cfg, "finetune", params, report)
     return out

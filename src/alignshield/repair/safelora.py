@@ -53,22 +53,27 @@ def projection_similarity(c: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> 
     return float(torch.nn.functional.cosine_similarity((c @ dw).flatten(), dw.flatten(), dim=0))
 
 
-def alignment_deltas(adapter: Path) -> dict[str, torch.Tensor]:
-    """{module name inside the transformers model: s1 * B1 @ A1} of a saved PEFT LoRA adapter."""
+def alignment_factors(adapter: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{module name inside the transformers model: (s1 * B1, A1)} in float64, of a saved PEFT LoRA
+    adapter; the module's alignment delta V is their product."""
     from safetensors.torch import load_file
 
     cfg = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
     if cfg.get("use_rslora") or cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
-        raise ValueError(f"{adapter}: safelora supports plain LoRA adapters (no rslora / rank_pattern)")
+        raise ValueError(f"{adapter}: the alignment adapter must be a plain LoRA (no rslora / rank_pattern)")
     scale = cfg["lora_alpha"] / cfg["r"]
     weights = load_file(str(adapter / "adapter_model.safetensors"))
     out = {}
     for key, a in weights.items():
         if key.endswith(".lora_A.weight"):
             name = key.removesuffix(".lora_A.weight").removeprefix("base_model.model.")
-            b = weights[key.replace(".lora_A.", ".lora_B.")]
-            out[name] = scale * (b.double() @ a.double())
+            out[name] = (scale * weights[key.replace(".lora_A.", ".lora_B.")].double(), a.double())
     return out
+
+
+def alignment_deltas(adapter: Path) -> dict[str, torch.Tensor]:
+    """{module name inside the transformers model: s1 * B1 @ A1} of a saved PEFT LoRA adapter."""
+    return {name: b @ a for name, (b, a) in alignment_factors(adapter).items()}
 
 
 @REPAIR_METHODS.register("safelora")
