@@ -53,22 +53,27 @@ def projection_similarity(c: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> 
     return float(torch.nn.functional.cosine_similarity((c @ dw).flatten(), dw.flatten(), dim=0))
 
 
-def alignment_factors(adapter: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{module name inside the transformers model: (s1 * B1, A1)} in float64, of a saved PEFT LoRA
-    adapter; the module's alignment delta V is their product."""
+def alignment_lora(adapter: Path) -> tuple[float, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """(s1, {module name inside the transformers model: (B1, A1)}) of a saved PEFT LoRA adapter, the
+    factors in float64: the module's alignment delta V is s1 * B1 @ A1."""
     from safetensors.torch import load_file
 
     cfg = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
     if cfg.get("use_rslora") or cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
         raise ValueError(f"{adapter}: the alignment adapter must be a plain LoRA (no rslora / rank_pattern)")
-    scale = cfg["lora_alpha"] / cfg["r"]
     weights = load_file(str(adapter / "adapter_model.safetensors"))
     out = {}
     for key, a in weights.items():
         if key.endswith(".lora_A.weight"):
             name = key.removesuffix(".lora_A.weight").removeprefix("base_model.model.")
-            out[name] = (scale * weights[key.replace(".lora_A.", ".lora_B.")].double(), a.double())
-    return out
+            out[name] = (weights[key.replace(".lora_A.", ".lora_B.")].double(), a.double())
+    return cfg["lora_alpha"] / cfg["r"], out
+
+
+def alignment_factors(adapter: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{module name: (s1 * B1, A1)} of a saved PEFT LoRA adapter: V is their product."""
+    scale, factors = alignment_lora(adapter)
+    return {name: (scale * b, a) for name, (b, a) in factors.items()}
 
 
 def alignment_deltas(adapter: Path) -> dict[str, torch.Tensor]:
