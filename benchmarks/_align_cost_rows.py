@@ -34,7 +34,7 @@ ROWS = {
 }
 METHODS = list(ROWS)
 # registered align / finetune methods, each with its default params (``--methods baselines``: sft + these)
-BASELINES = ["repnoise", "booster", "tar", "ewc", "kl", "vlguard", "lisa", "ldifs"]
+BASELINES = ["repnoise", "booster", "tar", "lox", "ewc", "kl", "vlguard", "lisa", "ldifs", "surgery"]
 # params a baseline needs on the benchmark's one fresh LoRA: EWC refuses a zero-initialised LoRA (its
 # lora_A Fisher is 0, finetune/ewc.py); the penalty's cost per step is the same, so time it anyway
 BASELINE_PARAMS = {"ewc": {"allow_fresh_lora": True}}

@@ -14,8 +14,8 @@ Methods (``--methods``):
 * ``random-vaccine``    RandomVaccineTrainer (no pass 1)
 * ``t-vaccine``         TVaccineTrainer, S=8 (``--tv-layers``), default K=200 / J=20
 * ``reference-vaccine`` a port (_align_cost_reference.py) of git-disl/Vaccine's two-full-pass step (timing only)
-* any other registered align or finetune method by name (``repnoise``, ``booster``, ``tar``, ``ewc``, ``kl``,
-  ``vlguard``, ``lisa``, ``ldifs``; ``--methods baselines`` runs sft and all of them), with its default
+* any other registered align or finetune method by name (``repnoise``, ``booster``, ``tar``, ``lox``, ``ewc``, ``kl``,
+  ``vlguard``, ``lisa``, ``ldifs``, ``surgery``; ``--methods baselines`` runs sft and all of them), with its default
   params; fine-tune-stage methods get the same alignment examples as their ``alignment`` data
 
 Models (``--models``):

@@ -134,6 +134,7 @@ def validate(cfg: RunConfig, upto: str = "evaluate") -> None:
     if upto != "align":
         cfg.finetune.resolved_params(FINETUNE_METHODS)
         _check_alignment_lora(cfg, "finetune", FINETUNE_METHODS.get(cfg.finetune.method))
+        _check_attention_weights(cfg, FINETUNE_METHODS.get(cfg.finetune.method))
         task = TASKS.get(cfg.finetune.task)
         if FINETUNE_METHODS.get(cfg.finetune.method).trains:
             _check_mix_sizes(cfg, task)
@@ -185,6 +186,17 @@ def _check_alignment_lora(cfg: RunConfig, stage: str, method) -> None:
                           f"finetune.topology=two-lora, not {topology}")
     if not ALIGN_METHODS.get(cfg.align.method).trains:
         raise ConfigError(f"{who} reads the alignment LoRA (#1), but align.method={cfg.align.method} trains none")
+
+
+def _check_attention_weights(cfg: RunConfig, method) -> None:
+    """A method that reads attention weights (``needs_attention_weights``: surgery) needs eager attention,
+    the one implementation that returns them."""
+    from alignshield.models.load import resolve_attention
+
+    if getattr(method, "needs_attention_weights", False) and resolve_attention(cfg.model) != "eager":
+        raise ConfigError(f"finetune.method={cfg.finetune.method} reads attention weights, which only eager "
+                          f"attention returns: set model.attn_implementation=eager (this config resolves to "
+                          f"{resolve_attention(cfg.model) or 'the transformers default, sdpa'})")
 
 
 def _check_mix_sizes(cfg: RunConfig, task) -> None:
@@ -287,6 +299,8 @@ def finetune(cfg: RunConfig) -> Path:
         # and which user examples are harmful (VLGuard replaces benign ones)
         extra = {"alignment": _tokenize(load_pool(cfg.align.data.safety), tokenizer, cfg, ft.train.max_length),
                  "user_harmful": [h for _, h in mix], "align_adapter": adapter if adapter.exists() else None}
+        if getattr(method, "uses_harmful", False):  # the provider's harmful pairs (surgery)
+            extra["harmful"] = _tokenize(load_pool(cfg.align.data.harmful), tokenizer, cfg, ft.train.max_length)
         report |= _train(method, model, train_set, cfg, "finetune", params, work, out, tokenizer, extra)
         _finish_stage(work, cfg, "finetune", params, report)
     return out

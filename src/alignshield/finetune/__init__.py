@@ -14,4 +14,4 @@ class NoFinetune(Trainer):
 
     trains = False
 
-from alignshield.finetune import asft, ewc, kl, ldifs, lisa, vlguard  # noqa: E402,F401  (registers the baselines)
+from alignshield.finetune import asft, ewc, kl, ldifs, lisa, surgery, vlguard  # noqa: E402,F401  (registers the baselines)
