@@ -118,3 +118,4 @@ def test_end_to_end(make_cfg):
     info = json.loads((stages.stage_dirs(cfg)["finetune"] / "stage.json").read_text())
     assert info["method"] == "asft" and info["params"] == {"lambda_reg": 1.0, "scaled_delta": False}
     assert info["report"]["steps"] == 2 and "harmful_score/keyword" in metrics
+    assert info["report"]["asft"] == {"anchored": 4, "unanchored": []}  # q and v of 2 layers, as LoRA #1

@@ -75,8 +75,12 @@ class AsFTTrainer(Trainer):
         factors = anchor_factors(Path(adapter))
         targets, _ = find_targets(self.unwrapped_model(), None)
         self.anchors = [_Anchor(t, *factors[t.name]) for t in targets if t.name in factors
-                        and factors[t.name][0].shape[0] == t.factor("lora_B").weight.shape[0]]
+                        and factors[t.name][0].shape[0] == t.factor("lora_B").weight.shape[0]
+                        and factors[t.name][1].shape[1] == t.factor("lora_A").weight.shape[1]]
         self.unanchored = sorted(t.name for t in targets if t.name not in {a.target.name for a in self.anchors})
+
+    def train(self) -> dict:
+        return super().train() | {"asft": {"anchored": len(self.anchors), "unanchored": self.unanchored}}
 
     def regulariser(self) -> torch.Tensor:
         return sum((a.penalty(self.params.scaled_delta) for a in self.anchors), torch.zeros(()))
