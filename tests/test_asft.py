@@ -52,7 +52,8 @@ def reference_penalty(align, model, scaled=False) -> float:
     for name, m in model.base_model.model.named_modules():
         if not hasattr(m, "lora_A") or name not in mods:
             continue
-        a1, b1 = mods[name].lora_A["default"].weight.detach().numpy(), mods[name].lora_B["default"].weight.detach().numpy()
+        a1 = mods[name].lora_A["default"].weight.detach().numpy()
+        b1 = mods[name].lora_B["default"].weight.detach().numpy()
         v = mods[name].scaling["default"] * b1 @ a1
         c = v @ v.T / np.linalg.norm(v)
         dw = m.lora_B["default"].weight.detach().numpy() @ m.lora_A["default"].weight.detach().numpy()
@@ -91,7 +92,8 @@ def test_lambda_zero_is_plain_sft(tokenizer, tmp_path):
     trainer, _ = _trainer(AsFTTrainer, AsFTParams(lambda_reg=0), tokenizer, tmp_path)
     plain, _ = _trainer(Trainer, AsFTParams(), tokenizer, tmp_path / "plain")
     batch = PadCollator(tokenizer.eos_token_id)(_data(tokenizer, 3))
-    assert float(trainer.compute_loss(trainer.model, batch).detach()) == float(plain.compute_loss(plain.model, batch).detach())
+    loss, plain_loss = trainer.compute_loss(trainer.model, batch), plain.compute_loss(plain.model, batch)
+    assert float(loss.detach()) == float(plain_loss.detach())
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -78,7 +78,8 @@ class SafeMERGE:
 
     def repair(self, model, calibration, params: SafeMERGEParams, *, seed: int, pad_token_id: int | None = None,
                align_adapter: Path | None = None, topology: str = "two-lora") -> dict[str, Any]:
-        if topology != "two-lora" or align_adapter is None or not (Path(align_adapter) / "adapter_config.json").exists():
+        has_alignment = align_adapter is not None and (Path(align_adapter) / "adapter_config.json").exists()
+        if topology != "two-lora" or not has_alignment:
             raise ValueError("safemerge merges the fine-tune LoRA (#2) with the alignment LoRA (#1): it needs "
                              "finetune.topology=two-lora and an alignment that trains a LoRA")
         scale1, safety = alignment_lora(Path(align_adapter))
