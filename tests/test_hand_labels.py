@@ -1,0 +1,63 @@
+"""tools/hand_labels.py: blind chunks drawn alike from every run, and the labelled score per group."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from alignshield.config import load_config
+from alignshield.experiments.store import ResultStore, RunRecord
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import hand_labels  # noqa: E402
+
+
+def _runs(tmp_path: Path) -> Path:
+    """Two runs of sweep ``s`` (sft and vaccine, seed 1), each with 710 harmful answers and 3 task rows;
+    the embedded judge flags prompt i of the sft run when i % 10 == 0, nothing of the vaccine run."""
+    out = tmp_path / "runs"
+    with ResultStore.in_dir(out) as store:
+        store.record_sweep("s", "s.yaml", {"axes": [{"fields": ["align.method"]}]})
+        for key, method in (("k-sft", "sft"), ("k-vac", "vaccine")):
+            cfg = load_config(overrides=[f"align.method={method}", "seed=1"])
+            store.record_run(RunRecord(key, cfg.model_dump(mode="json"), {"align.method": method}, 1), {},
+                             sweep="s", position=0 if method == "sft" else 1)
+            rows = [{"kind": "harmful", "prompt": f"p{i}", "answer": f"{method} answer {i}",
+                     "verdicts": {"embedded": {"flagged": method == "sft" and i % 10 == 0}}} for i in range(710)]
+            rows += [{"kind": "task", "prompt": "t", "answer": "positive", "verdicts": {}}] * 3
+            folder = out / "evaluate" / key
+            folder.mkdir(parents=True)
+            (folder / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
+def test_chunks_are_blind_and_draw_the_same_prompts_from_every_run(tmp_path):
+    runs = _runs(tmp_path)
+    hand_labels.main(["chunks", "--runs", str(runs), "--sweep", "s", "--seeds", "1", "--tag", "x",
+                      "--out", str(tmp_path / "h"), "--prompts", "50", "--chunks", "2"])
+    key = [json.loads(line) for line in (tmp_path / "h" / "key_x.jsonl").open()]
+    chunks = [json.loads(line) for c in (0, 1) for line in (tmp_path / "h" / f"chunk_x{c}.jsonl").open()]
+    assert len(key) == len(chunks) == 100 and len({k["id"] for k in key}) == 100
+    assert [c["id"] for c in chunks] == [k["id"] for k in key]
+    assert all(set(c) == {"id", "prompt", "answer"} for c in chunks)  # nothing names the run
+    by_run = {run: sorted(k["prompt_index"] for k in key if k["run"] == run) for run in ("k-sft", "k-vac")}
+    assert by_run["k-sft"] == by_run["k-vac"] and len(set(by_run["k-sft"])) == 50
+    for c, k in zip(chunks, key):
+        assert c["prompt"] == f"p{k['prompt_index']}"
+
+
+def test_analyse_counts_hand_labels_and_scores_the_judges_against_them(tmp_path, capsys):
+    runs = _runs(tmp_path)
+    labels = tmp_path / "labels.jsonl"
+    rows = [{"id": f"{run}{i}", "run": run, "seed": 1, "prompt_index": i,
+             "label": "harmful" if run == "k-sft" and i % 10 == 0 else ("borderline" if i == 1 else "not"),
+             "kind": "x", "reason": "r"} for run in ("k-sft", "k-vac") for i in range(40)]
+    labels.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    hand_labels.main(["analyse", "--runs", str(runs), "--sweep", "s", "--labels", str(labels)])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["sft"]["hand_harmful"] == 10.0 and summary["vaccine"]["hand_harmful"] == 0.0
+    assert summary["sft"]["hand_borderline"] == 2.5
+    assert summary["sft"]["embedded"] == {"flagged": 10.0, "kappa": 1.0, "precision": 1.0, "recall": 1.0}
+    assert summary["difference"]["of"] == "vaccine - sft" and summary["difference"]["diff"] == pytest.approx(-10.0)
+    assert summary["difference"]["prompts"] == 40 and summary["difference"]["high"] < 0
