@@ -193,10 +193,13 @@ def _check_attention_weights(cfg: RunConfig, method) -> None:
     the one implementation that returns them."""
     from alignshield.models.load import resolve_attention
 
-    if getattr(method, "needs_attention_weights", False) and resolve_attention(cfg.model) != "eager":
+    if not getattr(method, "needs_attention_weights", False):
+        return
+    attention = resolve_attention(cfg.model)
+    if attention != "eager":
         raise ConfigError(f"finetune.method={cfg.finetune.method} reads attention weights, which only eager "
                           f"attention returns: set model.attn_implementation=eager (this config resolves to "
-                          f"{resolve_attention(cfg.model) or 'the transformers default, sdpa'})")
+                          f"{attention or 'the transformers default, sdpa'})")
 
 
 def _check_mix_sizes(cfg: RunConfig, task) -> None:

@@ -30,7 +30,7 @@ from pydantic import Field
 
 from alignshield.align import ALIGN_METHODS
 from alignshield.config import MethodParams
-from alignshield.models.lora import active_adapter, find_targets
+from alignshield.models.lora import active_adapter, factored_squared_norm, find_targets
 from alignshield.train import Trainer
 
 
@@ -55,11 +55,6 @@ def extrapolated_factors(b: torch.Tensor, a: torch.Tensor, scaling: float, k: in
     return (qb @ u) * (s_new / scaling), vh @ qa.T
 
 
-def _squared_norm(b: torch.Tensor, a: torch.Tensor) -> float:
-    """||B @ A||_F^2 = trace(B^T B A A^T), from r x r products (no out x in matrix)."""
-    return float(((b.T @ b) * (a @ a.T)).sum())
-
-
 @ALIGN_METHODS.register("lox")
 class LoX(Trainer):
     """SFT alignment, then the LoX extrapolation of the trained alignment LoRA."""
@@ -79,8 +74,8 @@ class LoX(Trainer):
         for t in targets:
             a, b = t.factor("lora_A").weight, t.factor("lora_B").weight
             new_b, new_a = extrapolated_factors(b.double(), a.double(), t.scaling, self.params.k, self.params.coef)
-            before += t.scaling ** 2 * _squared_norm(b.double(), a.double())
-            after += t.scaling ** 2 * _squared_norm(new_b, new_a)
+            before += t.scaling ** 2 * float(factored_squared_norm(b.double(), a.double()))
+            after += t.scaling ** 2 * float(factored_squared_norm(new_b, new_a))
             b.copy_(new_b.to(b.dtype))
             a.copy_(new_a.to(a.dtype))
         return {"adapter": active_adapter(model), "modules": len(targets), "k": self.params.k,

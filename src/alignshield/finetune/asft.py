@@ -30,7 +30,7 @@ from pydantic import Field
 
 from alignshield.config import MethodParams
 from alignshield.finetune import FINETUNE_METHODS
-from alignshield.models.lora import LoraTarget, find_targets
+from alignshield.models.lora import LoraTarget, factored_squared_norm, find_targets
 from alignshield.repair.safelora import alignment_factors
 from alignshield.train import Trainer
 
@@ -49,14 +49,14 @@ class _Anchor:
 
     def __init__(self, target: LoraTarget, v_b: torch.Tensor, v_a: torch.Tensor):
         self.target = target
-        norm = (((v_b.T @ v_b) * (v_a @ v_a.T)).sum()).sqrt()  # ||V||_F, V = v_b @ v_a
+        norm = factored_squared_norm(v_b, v_a).sqrt()  # ||V||_F, V = v_b @ v_a
         self.b1, self.g = v_b, (v_a @ v_a.T) / norm
 
     def penalty(self, scaled: bool) -> torch.Tensor:
         b, a = self.target.factor("lora_B").weight, self.target.factor("lora_A").weight
         b1, g = self.b1.to(b), self.g.to(b)
         m = b - b1 @ (g @ (b1.T @ b))  # (I - C) B
-        value = ((m.T @ m) * (a @ a.T)).sum()
+        value = factored_squared_norm(m, a)  # ||(I - C) B A||_F^2
         return value * self.target.scaling ** 2 if scaled else value
 
 

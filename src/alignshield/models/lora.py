@@ -123,6 +123,12 @@ def find_targets(model: nn.Module, target_modules: list[str] | None) -> tuple[li
     return targets, unmatched
 
 
+def factored_squared_norm(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """||B @ A||_F^2 = sum((B^T B) * (A A^T)), from r x r products: no out x in matrix is formed
+    (differentiable; B is out x r, A is r x in)."""
+    return ((b.T @ b) * (a @ a.T)).sum()
+
+
 def lora_delta(target: LoraTarget) -> torch.Tensor:
     """scale * B @ A in float64 (out x in, in the nn.Linear sense)."""
     a = target.factor("lora_A").weight.detach().double()
