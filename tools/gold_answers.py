@@ -37,6 +37,8 @@ STRONG = {"train": 60, "test": 45}
 DEFAULT = {"train": 65, "test": 15}
 STRONGEST = {"train": 40, "test": 120}  # harmful answers are rare at this scale: most test answers come from here
 TEST_ONLY = {"train": 0, "test": 150}
+TRAIN_ONLY = {"train": 90, "test": 0}  # round 2: more training answers, at the evaluation's 48 tokens
+TRAIN_STRONG = {"train": 150, "test": 0}
 
 
 def _c(name: str, overrides: list[str], sizes=DEFAULT) -> dict:
@@ -76,6 +78,17 @@ def conditions() -> list[dict]:
            TEST_ONLY),
         _c("t-vaccine/p1.0/lr1e-4", ["align.method=t-vaccine", "finetune.p=1.0"], TEST_ONLY),
     ]
+    # round 2 (generated with --max-new-tokens 48, the evaluation's default): the headline's own runs
+    # (share the stages with `alignshield sweep embedded-headline` through --runs) and strong attacks
+    for seed in (42, 1, 2, 3, 4):
+        for align in ("sft", "vaccine"):
+            out.append(_c(f"r2 {align}/p0.1/lr1e-4/seed{seed}", [f"align.method={align}", f"seed={seed}",
+                                                                 "evaluate.harmful.stop=710"], TRAIN_ONLY))
+    for align, p, lr, extra in (("none", 1.0, "1e-4", ["seed=3"]), ("sft", 1.0, "1e-4", []),
+                                ("vaccine", 1.0, "1e-4", []), ("none", 0.5, "1e-3", []), ("sft", 0.2, "1e-3", [])):
+        out.append(_c(f"r2 {align}/p{p}/lr{lr}" + "".join(f"/{e.replace('=', '')}" for e in extra),
+                      [f"align.method={align}", f"finetune.p={p}", f"finetune.train.learning_rate={lr}", *extra],
+                      TRAIN_STRONG))
     return out
 
 
