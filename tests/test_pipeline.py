@@ -149,3 +149,32 @@ def test_a_folder_without_a_model_is_a_clear_error(tmp_path, monkeypatch):
         cfg = load_config(overrides=[f"model.name={name}", f"output_dir={tmp_path / 'out'}"])
         with pytest.raises(ConfigError, match=message):
             stages.run(cfg)
+
+
+def test_other_judges_reuse_the_answers(make_cfg, monkeypatch):
+    """An evaluation that differs only in its judges (or their weights, or the coherence gate) is a new
+    evaluation folder, but it judges the answers already generated instead of generating them again;
+    any other evaluation setting generates anew."""
+    from alignshield.evaluate import metrics as metrics_module
+
+    first = make_cfg()
+    stages.run(first)
+    kept = stages.stage_dirs(first)["generate"] / stages.ANSWERS_FILE
+    saved = json.loads(kept.read_text())
+    assert len(saved["samples"]) == 8 and all(s["verdicts"] == {} for s in saved["samples"] if s["kind"] == "harmful")
+    rejudged = make_cfg("evaluate.coherence_gate=false")
+    assert stages.stage_dirs(rejudged)["evaluate"] != stages.stage_dirs(first)["evaluate"]
+    assert stages.stage_dirs(rejudged)["generate"] == stages.stage_dirs(first)["generate"]
+    generate = metrics_module.generate_answers
+    monkeypatch.setattr(metrics_module, "generate_answers", lambda *a, **k: pytest.fail("generated again"))
+    again = stages.run(rejudged)
+    assert again["harmful_prompts"] == 4 and "harmful_score/keyword" in again
+    answers = [json.loads(line)["answer"] for line in
+               (stages.stage_dirs(rejudged)["evaluate"] / "samples.jsonl").read_text().splitlines()]
+    assert answers == [s["answer"] for s in saved["samples"]]
+    longer = make_cfg("evaluate.max_new_tokens=5")
+    assert stages.stage_dirs(longer)["generate"] != stages.stage_dirs(first)["generate"]
+    calls = []
+    monkeypatch.setattr(metrics_module, "generate_answers", lambda *a, **k: calls.append(1) or generate(*a, **k))
+    stages.run(longer)
+    assert calls == [1]

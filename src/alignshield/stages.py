@@ -36,7 +36,9 @@ from alignshield.tasks import TASKS
 
 log = logging.getLogger(__name__)
 STAGES = ("align", "finetune", "repair", "evaluate")
-GENERATED_FILE = "generated.partial.json"  # evaluate's answers, kept in the scratch folder until judged
+GENERATED_FILE = "generated.partial.json"  # where earlier versions kept the answers of an unfinished evaluation
+ANSWERS_FILE = "generated.json"  # the answers, before any judge: under generate/, reused by any later judging
+JUDGING_FIELDS = ("judges", "judge_options", "coherence_gate")  # evaluate fields that do not change the answers
 
 
 METHOD_REGISTRIES = {"align": ALIGN_METHODS, "finetune": FINETUNE_METHODS, "repair": REPAIR_METHODS}
@@ -74,11 +76,14 @@ def stage_dirs(cfg: RunConfig) -> dict[str, Path]:
     edits = cfg.repair.method not in REPAIR_METHODS or REPAIR_METHODS.get(cfg.repair.method).edits
     r = stable_hash(f, cfg.repair.model_dump(mode="json")) if edits else f
     e = stable_hash(r, _key(cfg.evaluate), _judge_versions(cfg))
+    g = stable_hash(r, {k: v for k, v in _key(cfg.evaluate).items() if k not in JUDGING_FIELDS})
     return {
         "align": root / "align" / f"{cfg.align.method}-{a}",
         "finetune": root / "finetune" / f"{cfg.finetune.method}-{f}",
         "repair": root / "repair" / f"{cfg.repair.method}-{r}",
         "evaluate": root / "evaluate" / f"{cfg.finetune.task}-{e}",
+        # the answers alone: an evaluation with other judges (or retrained ones) judges them again
+        "generate": root / "generate" / f"{cfg.finetune.task}-{g}",
     }
 
 
@@ -407,15 +412,17 @@ def final_model(cfg: RunConfig, final_dir: Path | None = None):
 
 
 def _evaluate_into(work: Path, cfg: RunConfig, final_dir: Path, dirs: dict[str, Path]) -> None:
-    """Generate (or reload the answers saved by an interrupted attempt), judge, write the metrics."""
+    """Generate (or reload the answers: of an evaluation of the same model and settings with other
+    judges, or saved by an interrupted attempt), judge, write the metrics."""
     from alignshield.evaluate.capability import capability_metrics, tasks_of
     from alignshield.evaluate.drift import analysis_metrics, reference_states
     from alignshield.evaluate.metrics import generate_answers, judge_samples, ordered
 
     t0 = time.perf_counter()
-    generated = work / GENERATED_FILE
-    if generated.exists():
-        saved = json.loads(generated.read_text(encoding="utf-8"))
+    kept = dirs["generate"] / ANSWERS_FILE
+    legacy = work / GENERATED_FILE  # answers of an attempt interrupted before they were kept under generate/
+    if kept.exists() or legacy.exists():
+        saved = json.loads((kept if kept.exists() else legacy).read_text(encoding="utf-8"))
         metrics, samples, spent = saved["metrics"], saved["samples"], saved["seconds"]
     else:
         reference = None
@@ -432,21 +439,22 @@ def _evaluate_into(work: Path, cfg: RunConfig, final_dir: Path, dirs: dict[str, 
         del model, reference
         _release_memory()
         spent = time.perf_counter() - t0
-        if dist.is_main_process():
-            write_json_atomic(generated, {"metrics": metrics, "samples": samples, "seconds": spent})
         t0 = time.perf_counter()
+    if dist.is_main_process() and not kept.exists():  # before judging, which fills the samples' verdicts
+        write_json_atomic(kept, {"metrics": metrics, "samples": samples, "seconds": spent})
     metrics |= judge_samples(samples, cfg)
     metrics = ordered(metrics)
     metrics["seconds"] = round(spent + time.perf_counter() - t0, 2)
     if dist.is_main_process():  # DDP: every rank evaluated; rank 0 writes
         write_jsonl_atomic(work / "samples.jsonl", samples)
         write_json_atomic(work / "stages.json", {k: str(v) for k, v in dirs.items()
-                                                 if k != "repair" or REPAIR_METHODS.get(cfg.repair.method).edits})
+                                                 if k not in ("repair", "generate")
+                                                 or k == "repair" and REPAIR_METHODS.get(cfg.repair.method).edits})
         _finish_stage(work, cfg, "evaluate", None, {})
         write_json_atomic(work / "metrics.json", metrics)
         with tracking.logger(tracking.for_stage(cfg, "evaluate", dirs["evaluate"])) as log_to:
             log_to(metrics)
-        generated.unlink()
+        legacy.unlink(missing_ok=True)
 
 
 def run(cfg: RunConfig) -> dict[str, Any]:
