@@ -174,3 +174,47 @@ def test_gold_report_scores_judges_against_the_hand_labels():
     assert gold["label_agreement"]["n"] == sum(bool(r.get("label_2")) for r in by_condition + doubly)
     summary = jq.gold_summary(gold)
     assert summary["goals"]["gold_kappa"]["goal"] == 0.7
+
+
+@needs_encoder
+def test_headline_report_scores_the_headline_hand_labels(tmp_path):
+    """The headline part of the benchmark reads a labels file of (prompt, answer, label) rows: every
+    row is judged, borderline rows are left out of kappa, the summary carries the headline keys."""
+    import json
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "benchmarks"))
+    import judge_quality as jq
+
+    shipped = [json.loads(line) for line in jq.HEADLINE_LABELS.read_text().splitlines()]
+    assert len(shipped) >= 1500 and {r["label"] for r in shipped} == {"harmful", "borderline", "not"}
+    rows = [r for r in shipped if r["label"] == "harmful"][:5] + [r for r in shipped if r["label"] != "harmful"][:15]
+    path = tmp_path / "labels.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = jq.headline_report(embedded.EmbeddedJudge(), path)
+    assert report["rows"] == 20 and report["labels"]["harmful"] == 5
+    for name in ("embedded", "keyword"):
+        assert report[name]["n"] == 20 - report["labels"]["borderline"] and report[name]["harmful"] == 5
+    summary = jq.headline_summary(report)
+    assert summary["headline_hand_harmful_rate"] == 0.25 and -1 <= summary["headline_kappa"] <= 1
+
+
+def test_train_judge_family_options():
+    """--family-weight / --train-quota override one family each, the rest keep their defaults; an
+    unknown family or a bad value is a usage error before any data is built."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import train_judge as tj
+
+    args = tj.parse_args(["--family-weight", "gold=10", "--train-quota", "harmful=600"])
+    assert args.loss_weights["gold"] == 10.0 and args.loss_weights["gold_48"] == tj.FAMILY_LOSS_WEIGHT["gold_48"]
+    assert args.train_quota["harmful"] == 600 and args.train_quota["refusal"] == tj.TRAIN_QUOTA["refusal"]
+    assert tj.TRAIN_QUOTA["harmful"] != 600  # the defaults themselves are untouched
+    for bad in (["--family-weight", "gol=1"], ["--family-weight", "gold"], ["--train-quota", "harmful=1.5"],
+                ["--family-weight", "gold=-1"]):
+        with pytest.raises(SystemExit):
+            tj.parse_args(bad)

@@ -35,7 +35,9 @@ from judge_training.dataset import (
 )
 from judge_training.evaluate import evaluate
 from judge_training.export import check_reload, finish_record, save_weights, training_record, write_record
-from judge_training.families import DEFAULT_SEED, FAMILIES, HARD_NEGATIVE_FAMILIES, Example
+from judge_training.families import (
+    DEFAULT_SEED, FAMILIES, FAMILY_LOSS_WEIGHT, HARD_NEGATIVE_FAMILIES, TRAIN_QUOTA, Example,
+)
 from judge_training.metrics import auc_score, binary_metrics, cohen_kappa, family_rates
 from judge_training.train import MODEL_CONFIG, build_classifier, fit, import_training_packages, seed_everything
 
@@ -55,7 +57,7 @@ def train(args: argparse.Namespace) -> dict:
     import_training_packages()
     t_start = time.time()
     seed_everything(args.seed, args.threads)
-    ds = build_dataset(Path(args.data_dir), args.seed)
+    ds = build_dataset(Path(args.data_dir), args.seed, train_quota=args.train_quota)
     print_data_counts(ds, args.data_dir)
 
     cfg = dict(MODEL_CONFIG, max_length=args.max_length, pooling=args.pooling)
@@ -96,14 +98,37 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     help="fixed threshold (default: the best Cohen's kappa on the gold validation slice)")
     ap.add_argument("--pooling", choices=embedded.POOLINGS, default=MODEL_CONFIG["pooling"])
     ap.add_argument("--threads", type=int, default=1, help="torch threads (keep 1 on shared machines)")
+    ap.add_argument("--family-weight", action="append", default=[], metavar="FAMILY=W",
+                    help="loss weight of one family (repeatable; default FAMILY_LOSS_WEIGHT)")
+    ap.add_argument("--train-quota", action="append", default=[], metavar="FAMILY=N",
+                    help="training pairs drawn from one family (repeatable; default TRAIN_QUOTA)")
     ap.add_argument("--dry-run", action="store_true", help="build and check the data, print counts, stop")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    args.loss_weights = FAMILY_LOSS_WEIGHT | family_values(ap, args.family_weight, float, "--family-weight")
+    args.train_quota = TRAIN_QUOTA | family_values(ap, args.train_quota, int, "--train-quota")
+    return args
+
+
+def family_values(ap: argparse.ArgumentParser, items: list[str], kind: type, flag: str) -> dict:
+    """``["gold=10", ...]`` -> ``{"gold": 10.0}``; an unknown family or a bad value is a usage error."""
+    out = {}
+    for item in items:
+        fam, sep, value = item.partition("=")
+        if not sep or fam not in FAMILIES:
+            ap.error(f"{flag} {item!r}: want FAMILY=VALUE with FAMILY one of {', '.join(FAMILIES)}")
+        try:
+            out[fam] = kind(value)
+        except ValueError:
+            ap.error(f"{flag} {item!r}: {value!r} is not a {kind.__name__}")
+        if out[fam] < 0:
+            ap.error(f"{flag} {item!r}: must be >= 0")
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.dry_run:
-        ds = build_dataset(Path(args.data_dir), args.seed)
+        ds = build_dataset(Path(args.data_dir), args.seed, train_quota=args.train_quota)
         print(json.dumps(ds.stats, indent=1))
         return 0
     train(args)

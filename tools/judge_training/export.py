@@ -16,7 +16,7 @@ from typing import Sequence
 from alignshield.evaluate.judges import embedded
 from judge_training.dataset import HELDOUT_PERCENT, SPLIT_SALT, Dataset
 from judge_training.evaluate import Evaluation
-from judge_training.families import FAMILY_LOSS_WEIGHT, HELDOUT_QUOTA, TRAIN_QUOTA, Example
+from judge_training.families import HELDOUT_QUOTA, Example
 from judge_training.train import GRAD_CLIP, WARMUP_FRACTION, WEIGHT_DECAY, Classifier, predict
 
 
@@ -58,7 +58,7 @@ def training_record(args: argparse.Namespace, cfg: dict, scaling: float | None, 
         "training": training_section(args, steps, train_seconds),
         "data": {
             "data_dir": "alignshield/resources/data", "split": f"sha256('{SPLIT_SALT}:'+normalized prompt) "
-            f"% 100 < {HELDOUT_PERCENT} -> held-out", "train_quota": TRAIN_QUOTA,
+            f"% 100 < {HELDOUT_PERCENT} -> held-out", "train_quota": args.train_quota,
             "heldout_quota": HELDOUT_QUOTA, **ds.stats,
         },
         "heldout_metrics": rounded(ev.metrics),
@@ -77,7 +77,7 @@ def training_section(args: argparse.Namespace, steps: int, train_seconds: float)
     return {
         "seed": args.seed, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
         "head_lr": args.head_lr, "weight_decay": WEIGHT_DECAY, "warmup_fraction": WARMUP_FRACTION,
-        "schedule": "linear", "optimizer": "AdamW", "loss": "BCEWithLogits", "family_loss_weight": FAMILY_LOSS_WEIGHT,
+        "schedule": "linear", "optimizer": "AdamW", "loss": "BCEWithLogits", "family_loss_weight": args.loss_weights,
         "grad_clip": GRAD_CLIP, "threads": args.threads, "steps": steps, "train_seconds": round(train_seconds, 1),
         "load_average_1min_at_end": round(os.getloadavg()[0], 2), "cpu_count": os.cpu_count(),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},

@@ -130,7 +130,7 @@ def fit(clf: Classifier, examples: Sequence[Example], args: argparse.Namespace) 
     clf.head.train()
     running = []
     for step, idx in enumerate(plan, 1):
-        running.append(train_step(clf, [examples[i] for i in idx], loss_fn, params, opt, sched))
+        running.append(train_step(clf, [examples[i] for i in idx], loss_fn, params, opt, sched, args.loss_weights))
         if step % 50 == 0 or step == len(plan):
             print(f"  step {step:4d}/{len(plan)}  loss {sum(running) / len(running):.4f}  "
                   f"{time.time() - t_train:6.1f}s", flush=True)
@@ -138,12 +138,13 @@ def fit(clf: Classifier, examples: Sequence[Example], args: argparse.Namespace) 
     return len(plan), time.time() - t_train
 
 
-def train_step(clf: Classifier, exs: Sequence[Example], loss_fn, params: list, opt, sched) -> float:
-    """One optimizer step on one batch, the loss weighted per family (``FAMILY_LOSS_WEIGHT``)."""
+def train_step(clf: Classifier, exs: Sequence[Example], loss_fn, params: list, opt, sched,
+               loss_weights: dict[str, float] = FAMILY_LOSS_WEIGHT) -> float:
+    """One optimizer step on one batch, the loss weighted per family (default ``FAMILY_LOSS_WEIGHT``)."""
     import torch
 
     logits = clf.logits(exs)
-    weights = torch.tensor([FAMILY_LOSS_WEIGHT.get(e.family, 1.0) for e in exs])
+    weights = torch.tensor([loss_weights.get(e.family, 1.0) for e in exs])
     loss = (loss_fn(logits, torch.tensor([float(e.label) for e in exs])) * weights).sum() / weights.sum()
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
