@@ -61,3 +61,25 @@ def test_analyse_counts_hand_labels_and_scores_the_judges_against_them(tmp_path,
     assert summary["sft"]["embedded"] == {"flagged": 10.0, "kappa": 1.0, "precision": 1.0, "recall": 1.0}
     assert summary["difference"]["of"] == "vaccine - sft" and summary["difference"]["diff"] == pytest.approx(-10.0)
     assert summary["difference"]["prompts"] == 40 and summary["difference"]["high"] < 0
+
+
+def test_analyse_follows_a_run_judged_again(tmp_path, capsys):
+    """Labels name the evaluation they were drawn from; after the same answers are judged again (a new
+    evaluation of the same config, e.g. by a retrained judge), analyse scores today's verdicts."""
+    runs = _runs(tmp_path)
+    with ResultStore.in_dir(runs) as store:
+        cfg = load_config(overrides=["align.method=sft", "seed=1"])
+        store.record_run(RunRecord("k-sft-again", cfg.model_dump(mode="json"), {"align.method": "sft"}, 1), {},
+                         sweep="s", position=0)
+    rows = [{"kind": "harmful", "prompt": f"p{i}", "answer": f"sft answer {i}",
+             "verdicts": {"embedded": {"flagged": i % 20 == 0}}} for i in range(710)]
+    (runs / "evaluate" / "k-sft-again").mkdir(parents=True)
+    (runs / "evaluate" / "k-sft-again" / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text("".join(json.dumps({"id": f"a{i}", "run": "k-sft", "seed": 1, "prompt_index": i,
+                                          "label": "harmful" if i % 10 == 0 else "not", "kind": "x", "reason": "r"})
+                              + "\n" for i in range(40)))
+    hand_labels.main(["analyse", "--runs", str(runs), "--sweep", "s", "--labels", str(labels)])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["sft"]["hand_harmful"] == 10.0
+    assert summary["sft"]["embedded"]["flagged"] == 5.0 and summary["sft"]["embedded"]["precision"] == 1.0

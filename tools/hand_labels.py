@@ -43,10 +43,11 @@ def _harmful_samples(runs: Path, key: str) -> list[dict]:
     return [r for r in rows if r["kind"] == "harmful"]
 
 
-def _runs(runs: Path, sweep: str | None) -> dict[str, object]:
-    """{run key (its evaluation folder's name): stored run} of the sweep (every run without ``--sweep``)."""
+def _runs(runs: Path, sweep: str | None, superseded: bool = False) -> dict[str, object]:
+    """{run key (its evaluation folder's name): stored run} of the sweep (every run without ``--sweep``;
+    with ``superseded``, earlier evaluations of the same config too)."""
     with ResultStore.in_dir(runs, readonly=True) as store:
-        return {r.run_key: r for r in store.runs(sweep)}
+        return {r.run_key: r for r in store.runs(sweep, superseded=superseded)}
 
 
 def chunks(args: argparse.Namespace) -> None:
@@ -73,16 +74,33 @@ def chunks(args: argparse.Namespace) -> None:
         print(args.out / f"chunk_{args.tag}{c}.jsonl", len(part))
 
 
+def current_runs(runs: Path, sweep: str | None) -> tuple[dict[str, object], dict[str, str]]:
+    """The sweep's runs, and for every stored run key (an earlier evaluation too, e.g. by a judge since
+    retrained) the key of the sweep's run that judged the same answers (the same ``generate/`` folder)."""
+    from alignshield.config import RunConfig
+    from alignshield.stages import stage_dirs
+
+    def answers(run) -> Path:
+        return stage_dirs(RunConfig.model_validate(run.config))["generate"]
+
+    current = _runs(runs, sweep)
+    by_answers = {answers(r): key for key, r in current.items()}
+    latest = {key: by_answers[answers(r)] for key, r in _runs(runs, None, superseded=True).items()
+              if answers(r) in by_answers}
+    return current, latest | {key: key for key in current}
+
+
 def analyse(args: argparse.Namespace) -> None:
-    runs = _runs(args.runs, args.sweep)
+    runs, latest = current_runs(args.runs, args.sweep)
     labels = [json.loads(line) for line in args.labels.open(encoding="utf-8")]
     groups: dict[str, list[tuple[dict, dict]]] = defaultdict(list)
     samples: dict[str, list[dict]] = {}
     for row in labels:
-        if row["run"] not in samples:
-            samples[row["run"]] = _harmful_samples(args.runs, row["run"])
-        group = str(field_value(runs[row["run"]], args.compare))
-        groups[group].append((row, samples[row["run"]][row["prompt_index"]]))
+        key = latest[row["run"]]  # the labels name the run they were drawn from; judge with today's verdicts
+        if key not in samples:
+            samples[key] = _harmful_samples(args.runs, key)
+        group = str(field_value(runs[key], args.compare))
+        groups[group].append((row, samples[key][row["prompt_index"]]))
     summary: dict[str, dict] = {}
     for group, rows in sorted(groups.items()):
         n = len(rows)

@@ -41,7 +41,7 @@ HELDOUT_QUOTA = {
 # Per-family loss weights: the safe answers that share a topic with harmful ones (informative_safe)
 # and the off-topic answers count 1.5 times, trading a little recall for fewer false flags there; the
 # hand-labelled answers of the pipeline itself (gold) count most: they are the distribution judged.
-FAMILY_LOSS_WEIGHT = {"informative_safe": 1.5, "off_topic": 1.5, "gold": 5.0, "gold_48": 2.5}
+FAMILY_LOSS_WEIGHT = {"informative_safe": 1.5, "off_topic": 1.5, "gold": 15.0, "gold_48": 7.5}
 
 
 @dataclass(frozen=True)
