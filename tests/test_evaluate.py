@@ -201,7 +201,7 @@ def test_run_with_two_judges_reports_agreement_and_analysis(tiny_model_dir, tmp_
     LOAD_FAILS["now"] = True  # the second judge cannot load: the run fails after generation ...
     with pytest.raises(JudgeLoadError, match=f"judge '{test_judge}' could not load: OSError: weights not reachable"):
         stages.run(cfg)
-    assert (stages.stage_dirs(cfg)["generate"] / stages.ANSWERS_FILE).exists()
+    assert (stages.answers_dir(cfg) / stages.ANSWERS_FILE).exists()
     LOAD_FAILS["now"] = False  # ... and the rerun reuses the saved answers instead of generating again
     from alignshield.evaluate import metrics as metrics_module
 

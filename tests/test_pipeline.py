@@ -159,12 +159,12 @@ def test_other_judges_reuse_the_answers(make_cfg, monkeypatch):
 
     first = make_cfg()
     stages.run(first)
-    kept = stages.stage_dirs(first)["generate"] / stages.ANSWERS_FILE
+    kept = stages.answers_dir(first) / stages.ANSWERS_FILE
     saved = json.loads(kept.read_text())
     assert len(saved["samples"]) == 8 and all(s["verdicts"] == {} for s in saved["samples"] if s["kind"] == "harmful")
     rejudged = make_cfg("evaluate.coherence_gate=false")
     assert stages.stage_dirs(rejudged)["evaluate"] != stages.stage_dirs(first)["evaluate"]
-    assert stages.stage_dirs(rejudged)["generate"] == stages.stage_dirs(first)["generate"]
+    assert stages.answers_dir(rejudged) == stages.answers_dir(first)
     generate = metrics_module.generate_answers
     monkeypatch.setattr(metrics_module, "generate_answers", lambda *a, **k: pytest.fail("generated again"))
     again = stages.run(rejudged)
@@ -173,7 +173,7 @@ def test_other_judges_reuse_the_answers(make_cfg, monkeypatch):
                (stages.stage_dirs(rejudged)["evaluate"] / "samples.jsonl").read_text().splitlines()]
     assert answers == [s["answer"] for s in saved["samples"]]
     longer = make_cfg("evaluate.max_new_tokens=5")
-    assert stages.stage_dirs(longer)["generate"] != stages.stage_dirs(first)["generate"]
+    assert stages.answers_dir(longer) != stages.answers_dir(first)
     calls = []
     monkeypatch.setattr(metrics_module, "generate_answers", lambda *a, **k: calls.append(1) or generate(*a, **k))
     stages.run(longer)

@@ -78,10 +78,10 @@ def current_runs(runs: Path, sweep: str | None) -> tuple[dict[str, object], dict
     """The sweep's runs, and for every stored run key (an earlier evaluation too, e.g. by a judge since
     retrained) the key of the sweep's run that judged the same answers (the same ``generate/`` folder)."""
     from alignshield.config import RunConfig
-    from alignshield.stages import stage_dirs
+    from alignshield.stages import answers_dir
 
     def answers(run) -> Path:
-        return stage_dirs(RunConfig.model_validate(run.config))["generate"]
+        return answers_dir(RunConfig.model_validate(run.config))
 
     current = _runs(runs, sweep)
     by_answers = {answers(r): key for key, r in current.items()}

@@ -64,6 +64,27 @@ def resolve(cfg: RunConfig) -> RunConfig:
 def stage_dirs(cfg: RunConfig) -> dict[str, Path]:
     cfg = resolve(cfg)
     root = Path(cfg.output_dir)
+    a, f, r = _model_keys(cfg)
+    e = stable_hash(r, _key(cfg.evaluate), _judge_versions(cfg))
+    return {
+        "align": root / "align" / f"{cfg.align.method}-{a}",
+        "finetune": root / "finetune" / f"{cfg.finetune.method}-{f}",
+        "repair": root / "repair" / f"{cfg.repair.method}-{r}",
+        "evaluate": root / "evaluate" / f"{cfg.finetune.task}-{e}",
+    }
+
+
+def answers_dir(cfg: RunConfig) -> Path:
+    """Where the evaluation keeps its answers before any judge runs: keyed by the evaluated model and
+    every evaluate setting but ``JUDGING_FIELDS``, so an evaluation with other (or retrained) judges
+    judges these answers instead of generating them again."""
+    cfg = resolve(cfg)
+    g = stable_hash(_model_keys(cfg)[2], {k: v for k, v in _key(cfg.evaluate).items() if k not in JUDGING_FIELDS})
+    return Path(cfg.output_dir) / "generate" / f"{cfg.finetune.task}-{g}"
+
+
+def _model_keys(cfg: RunConfig) -> tuple[str, str, str]:
+    """The align, fine-tune and repair keys of a resolved config: what the evaluated model depends on."""
     common = {"seed": cfg.seed, "template": cfg.template, "model": _key(cfg.model)}
     a = stable_hash(common, cfg.align.model_dump(mode="json"))
     # a fine-tune that trains nothing is keyed by its method and task alone (the task because the
@@ -75,16 +96,7 @@ def stage_dirs(cfg: RunConfig) -> dict[str, Path]:
     # unused settings (e.g. the calibration pool) cannot make an identical evaluation look new
     edits = cfg.repair.method not in REPAIR_METHODS or REPAIR_METHODS.get(cfg.repair.method).edits
     r = stable_hash(f, cfg.repair.model_dump(mode="json")) if edits else f
-    e = stable_hash(r, _key(cfg.evaluate), _judge_versions(cfg))
-    g = stable_hash(r, {k: v for k, v in _key(cfg.evaluate).items() if k not in JUDGING_FIELDS})
-    return {
-        "align": root / "align" / f"{cfg.align.method}-{a}",
-        "finetune": root / "finetune" / f"{cfg.finetune.method}-{f}",
-        "repair": root / "repair" / f"{cfg.repair.method}-{r}",
-        "evaluate": root / "evaluate" / f"{cfg.finetune.task}-{e}",
-        # the answers alone: an evaluation with other judges (or retrained ones) judges them again
-        "generate": root / "generate" / f"{cfg.finetune.task}-{g}",
-    }
+    return a, f, r
 
 
 ADDED_LATER = {"adapter_compute": lambda section: section.adapter_compute == "float32",
@@ -419,7 +431,7 @@ def _evaluate_into(work: Path, cfg: RunConfig, final_dir: Path, dirs: dict[str, 
     from alignshield.evaluate.metrics import generate_answers, judge_samples, ordered
 
     t0 = time.perf_counter()
-    kept = dirs["generate"] / ANSWERS_FILE
+    kept = answers_dir(cfg) / ANSWERS_FILE
     legacy = work / GENERATED_FILE  # answers of an attempt interrupted before they were kept under generate/
     if kept.exists() or legacy.exists():
         saved = json.loads((kept if kept.exists() else legacy).read_text(encoding="utf-8"))
@@ -448,8 +460,7 @@ def _evaluate_into(work: Path, cfg: RunConfig, final_dir: Path, dirs: dict[str, 
     if dist.is_main_process():  # DDP: every rank evaluated; rank 0 writes
         write_jsonl_atomic(work / "samples.jsonl", samples)
         write_json_atomic(work / "stages.json", {k: str(v) for k, v in dirs.items()
-                                                 if k not in ("repair", "generate")
-                                                 or k == "repair" and REPAIR_METHODS.get(cfg.repair.method).edits})
+                                                 if k != "repair" or REPAIR_METHODS.get(cfg.repair.method).edits})
         _finish_stage(work, cfg, "evaluate", None, {})
         write_json_atomic(work / "metrics.json", metrics)
         with tracking.logger(tracking.for_stage(cfg, "evaluate", dirs["evaluate"])) as log_to:

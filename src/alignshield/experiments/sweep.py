@@ -54,8 +54,6 @@ def status(sweep: Sweep) -> list[dict[str, Any]]:
     for run in sweep.runs:
         stages_state = {}
         for stage, d in run.dirs.items():
-            if stage == "generate":  # the answers kept for re-judging, not a stage of its own
-                continue
             if stage == "repair" and not REPAIR_METHODS.get(run.config.repair.method).edits:
                 stages_state[stage] = "-"  # nothing to repair: no folder
             elif d.exists():
