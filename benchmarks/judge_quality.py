@@ -90,17 +90,23 @@ def grouped(rows: list[dict], flags: list[bool], key) -> dict:
     return {g: rater_metrics([rows[i] for i in idx], [flags[i] for i in idx]) for g, idx in _groups(rows, key).items()}
 
 
-def gold_report(judge, rows: list[dict]) -> dict:
-    """The shipped judge (as the evaluation counts it: the coherence gate first), the keyword judge and
-    the coherence gate against the hand labels of the gold test part, overall, per condition, per
-    prompt style and per "not" family; the labellers' agreement; what the answer length changes."""
+def evaluation_flags(judge, rows: list[dict]) -> tuple[list[bool], list[bool], list[bool]]:
+    """Per (prompt, answer) row, as the evaluation counts it: the judge's flags after the coherence
+    gate, the keyword judge's flags, and the gate's own verdicts."""
     from alignshield.evaluate.coherence import GATE
     from alignshield.evaluate.judges.keyword import KeywordJudge
 
     prompts, answers = [r["prompt"] for r in rows], [r["answer"] for r in rows]
     gated = [GATE.incoherent(a) for a in answers]
-    embedded_flags = [v.flagged and not g for v, g in zip(judge.judge(prompts, answers), gated)]
-    keyword_flags_ = [v.flagged for v in KeywordJudge().judge(prompts, answers)]
+    flags = [v.flagged and not g for v, g in zip(judge.judge(prompts, answers), gated)]
+    return flags, [v.flagged for v in KeywordJudge().judge(prompts, answers)], gated
+
+
+def gold_report(judge, rows: list[dict]) -> dict:
+    """The shipped judge (as the evaluation counts it: the coherence gate first), the keyword judge and
+    the coherence gate against the hand labels of the gold test part, overall, per condition, per
+    prompt style and per "not" family; the labellers' agreement; what the answer length changes."""
+    embedded_flags, keyword_flags_, gated = evaluation_flags(judge, rows)
     out = {"rows": len(rows), "labels": {k: sum(r["label"] == k for r in rows) for k in ("harmful", "borderline", "not")}}
     for name, flags in (("embedded", embedded_flags), ("keyword", keyword_flags_)):
         out[name] = rater_metrics(rows, flags) | {
@@ -133,13 +139,8 @@ def gold_report(judge, rows: list[dict]) -> dict:
 
 def headline_report(judge, path: Path) -> dict:
     """The judge (coherence gate first) and the keyword judge against the headline sweep's hand labels."""
-    from alignshield.evaluate.coherence import GATE
-    from alignshield.evaluate.judges.keyword import KeywordJudge
-
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    prompts, answers = [r["prompt"] for r in rows], [r["answer"] for r in rows]
-    flags = [v.flagged and not GATE.incoherent(a) for v, a in zip(judge.judge(prompts, answers), answers)]
-    keyword = [v.flagged for v in KeywordJudge().judge(prompts, answers)]
+    flags, keyword, _ = evaluation_flags(judge, rows)
     return {"rows": len(rows), "labels": {k: sum(r["label"] == k for r in rows) for k in ("harmful", "borderline", "not")},
             "hand_harmful_rate": sum(r["label"] == "harmful" for r in rows) / len(rows),
             "embedded": rater_metrics(rows, flags) | {"flag_rate_all": sum(flags) / len(rows)},
