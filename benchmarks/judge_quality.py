@@ -3,7 +3,7 @@
 
     python benchmarks/judge_quality.py            # full held-out split (~2,000 pairs, ~1-2 min on 1 thread)
     python benchmarks/judge_quality.py --quick    # a per-family quarter of it (< 60 s)
-    python benchmarks/judge_quality.py --gold-only  # only the hand-labelled sets (about 3 min)
+    python benchmarks/judge_quality.py --gold-only  # only the hand-labelled sets (about 1.5 min)
 
 Rebuilds the held-out split exactly as ``tools/train_judge.py`` does (it imports its data-building
 code, with the seed recorded in the shipped ``judge.json``), scores it with the judge as users get it
