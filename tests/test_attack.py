@@ -275,3 +275,55 @@ def test_a_combination_that_cannot_run_is_skipped_not_counted(tmp_path, tiny_mod
     again = _attack(tmp_path, tiny_model_dir, "again", space=space, trials=3, startup_trials=3,
                     overrides={"finetune.select.candidates": 6}).run()
     assert [t.params for t in again.trials] == [t.params for t in result.trials]
+
+
+@pytest.mark.parametrize("master", ["float32", "model"])
+def test_full_parameter_finetune_in_bfloat16_keeps_float32_master_weights(make_cfg, master):
+    """Updates far below bfloat16's resolution accumulate in float32 master weights (the default);
+    trained in bfloat16 itself, each one rounds away and most weights never move."""
+    from alignshield import stages
+    from alignshield.train import Trainer
+
+    cfg = make_cfg("model.dtype=bfloat16", "finetune.topology=full", "repair.method=none",
+                   "finetune.train.learning_rate=2e-5", "finetune.train.max_steps=12",
+                   f"finetune.master_weights={master}")
+    seen = {}
+    original = Trainer.autocast_dtype
+
+    def spy(self):
+        seen["autocast"] = original(self)
+        seen["weights"] = {p.dtype for p in self.trainable}
+        return seen["autocast"]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Trainer, "autocast_dtype", spy)
+        stages.finetune(cfg)
+    tuned, _ = stages.final_model(cfg)
+    aligned, _ = stages._aligned_model(cfg)
+    assert next(tuned.parameters()).dtype == torch.bfloat16  # saved and evaluated in the model's dtype
+    aligned_p = dict(aligned.named_parameters())
+    moved = sum(int((p != aligned_p[n]).sum()) for n, p in tuned.named_parameters())
+    total = sum(p.numel() for p in aligned.parameters())
+    if master == "float32":
+        assert seen == {"autocast": torch.bfloat16, "weights": {torch.float32}}
+        assert moved > 0.5 * total, (moved, total)
+    else:
+        assert seen == {"autocast": None, "weights": {torch.bfloat16}}
+        assert moved < 0.5 * total, (moved, total)
+
+
+def test_master_weights_leave_the_keys_of_lora_and_float32_fine_tunes_alone(make_cfg):
+    from alignshield import stages
+
+    base = stages.stage_dirs(make_cfg())["finetune"]
+    for extra in (["finetune.master_weights=float32"], ["finetune.master_weights=model"]):
+        assert stages.stage_dirs(make_cfg(*extra))["finetune"] == base  # LoRA: the choice changes nothing
+    full32 = [stages.stage_dirs(make_cfg("finetune.topology=full", f"finetune.master_weights={m}"))["finetune"]
+              for m in ("auto", "float32", "model")]
+    assert len(set(full32)) == 1  # a float32 model trains float32 weights whatever the setting
+    half = {m: stages.stage_dirs(make_cfg("model.dtype=bfloat16", "finetune.topology=full",
+                                          f"finetune.master_weights={m}"))["finetune"]
+            for m in ("auto", "float32", "model")}
+    assert half["auto"] == half["float32"] != half["model"]
+    assert stages.resolve(make_cfg("model.dtype=bfloat16", "finetune.topology=full")).finetune.master_weights \
+        == "float32"

@@ -241,6 +241,14 @@ class FinetuneConfig(StageConfig):
     (full-parameter fine-tuning, an attack the LoRA papers do not test; no adapter, so no repair that
     edits one). Unset: the method's own (single-lora for EWC, whose reference reuses the aligned LoRA;
     two-lora for every other method); resolved before anything is hashed."""
+    master_weights: Literal["auto", "float32", "model"] = "auto"
+    """With ``topology: full`` on a bfloat16/float16 model: ``float32`` trains float32 copies of the
+    weights (the optimizer updates them exactly) while every forward pass runs in the model's dtype
+    under ``torch.autocast`` (mixed precision, as transformers' Trainer with ``bf16=True``); the
+    fine-tuned model is saved in the model's dtype. ``model`` trains the weights in the model's dtype,
+    where an update smaller than ~0.4 % of a weight (bfloat16's precision) rounds away. ``auto``:
+    ``float32`` there, ``model`` wherever the choice changes nothing (float32 models; the LoRA
+    topologies, whose adapter PEFT keeps in float32). Resolved before hashing."""
     lora: LoraSettings = LoraSettings()
     """The fine-tune LoRA (LoRA #2, or the alignment's with ``topology: single-lora``)."""
     train: FinetuneTrain = FinetuneTrain()

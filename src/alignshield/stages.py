@@ -55,10 +55,19 @@ def resolve(cfg: RunConfig) -> RunConfig:
     if cfg.finetune.topology is None:
         method = FINETUNE_METHODS.get(cfg.finetune.method) if cfg.finetune.method in FINETUNE_METHODS else None
         cfg.finetune.topology = getattr(method, "topology", "two-lora")
+    cfg.finetune.master_weights = resolve_master_weights(cfg)
     for stage, registry in METHOD_REGISTRIES.items():
         section = getattr(cfg, stage)
         section.params = section.resolved_params(registry).model_dump(mode="json")
     return cfg
+
+
+def resolve_master_weights(cfg: RunConfig) -> str:
+    """``finetune.master_weights`` as trained: ``float32`` only for a full-parameter fine-tune of a
+    half-precision model (elsewhere the trained weights are float32 already: ``model``)."""
+    if cfg.finetune.topology != "full" or cfg.model.dtype == "float32":
+        return "model"
+    return "float32" if cfg.finetune.master_weights == "auto" else cfg.finetune.master_weights
 
 
 def stage_dirs(cfg: RunConfig) -> dict[str, Path]:
@@ -100,13 +109,15 @@ def _model_keys(cfg: RunConfig) -> tuple[str, str, str]:
 
 
 ADDED_LATER = {"adapter_compute": lambda section: section.adapter_compute == "float32",
+               "master_weights": lambda section: section.master_weights == "model",
                "select": lambda section: section.select.method == "random",
                "backend": lambda section: section.backend == "hf",
                "lm_eval": lambda section: section.lm_eval == type(section.lm_eval)()}
 """Fields added after stages were computed, and when they leave the key: ``model.adapter_compute``
 at ``float32`` (what every run computed before it existed), ``finetune.select`` when
 the selection is random (its other settings are then unused), ``evaluate.backend`` at ``hf``,
-``evaluate.lm_eval`` at its defaults. So the
+``evaluate.lm_eval`` at its defaults, ``finetune.master_weights`` at ``model`` (all a LoRA fine-tune or
+a float32 model can be). So the
 folders computed before the fields existed stay valid, and equal runs keep one folder."""
 
 
@@ -307,9 +318,11 @@ def finetune(cfg: RunConfig) -> Path:
                                                      "response": e.response} for e, h in mix])
         if ft.topology == "full":
             model.requires_grad_(True)
-            if cfg.model.dtype != "float32":
-                log.warning("full-parameter fine-tuning in %s keeps no float32 master weights: updates smaller "
-                            "than ~0.4 %% of a weight round away (model.dtype=float32 trains them exactly)",
+            if ft.master_weights == "float32":  # mixed precision: the forwards autocast to the model's dtype
+                model.float()
+            elif cfg.model.dtype != "float32":
+                log.warning("full-parameter fine-tuning in %s without float32 master weights "
+                            "(finetune.master_weights=model): updates smaller than ~0.4 %% of a weight round away",
                             cfg.model.dtype)
         elif not is_peft(model):  # two-lora, or single-lora without an alignment adapter to train on
             model = attach_lora(model, ft.lora)
@@ -532,6 +545,10 @@ def _train(method, model, train_set, cfg: RunConfig, stage: str, params, work: P
     report = trainer.train()
     if trainer.accelerator.is_main_process:
         trained = trainer.unwrapped_model()
+        if not is_peft(trained) and cfg.model.dtype != "float32":  # float32 master weights: saved as evaluated
+            import torch
+
+            trained.to(getattr(torch, cfg.model.dtype))
         trained.save_pretrained(work / (ADAPTER_DIR if is_peft(trained) else MODEL_DIR))
     trainer.finish()
     return report | {"train_examples": len(train_set)}

@@ -371,11 +371,15 @@ class Trainer:
     def autocast_dtype(self) -> torch.dtype | None:
         """The dtype the forward passes autocast to: the base model's, when it is bfloat16/float16 and
         ``model.adapter_compute`` is ``model`` or ``auto`` (the float32 LoRA then computes in it; its
-        weights, gradients and optimizer state stay float32). None: no autocast."""
+        weights, gradients and optimizer state stay float32), or, when every weight trains, the
+        configured ``model.dtype`` where the weights were upcast to float32 master weights. None: no
+        autocast."""
         if self.model_config.adapter_compute == "float32":
             return None
         base = next((p.dtype for p in self.unwrapped_model().parameters()
                      if not p.requires_grad and p.is_floating_point()), None)
+        if base is None and self.model_config.dtype in ("bfloat16", "float16"):  # every weight trains:
+            base = getattr(torch, self.model_config.dtype)  # float32 master weights of a half-precision model
         if base not in (torch.bfloat16, torch.float16):
             return None
         return base if any(p.dtype != base for p in self.trainable) else None
