@@ -81,3 +81,20 @@ def test_paired_comparison_on_synthetic_verdicts_with_a_known_answer():
     partial = {0: {p: base[0][p] for p in range(50)}}
     assert paired_comparison(base, partial, resamples=100).prompts == 50
     assert paired_comparison(base, {9: {}}) is None
+
+
+def test_paired_p_agrees_with_the_interval_when_seeds_disagree():
+    """One seed with a large difference and two with none: the mean difference is positive, but
+    another training run could undo it; the interval (seeds resampled) spans 0, and so must p."""
+    from alignshield.stats import paired_comparison
+
+    prompts = range(300)
+    b = {s: {p: False for p in prompts} for s in range(3)}
+    a = {0: {p: p < 60 for p in prompts}, 1: dict(b[1]), 2: {p: p < 3 for p in prompts}}
+    result = paired_comparison(a, b, resamples=4000)
+    assert result.diff > 6 and result.low <= 0 <= result.high and not result.excludes_zero
+    assert result.p > 0.05, result
+    # the same difference in every seed is an effect by both
+    steady = {s: {p: p < 21 for p in prompts} for s in range(3)}
+    clear = paired_comparison(steady, b, resamples=4000)
+    assert clear.excludes_zero and clear.p < 0.001

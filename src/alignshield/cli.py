@@ -530,7 +530,7 @@ def results_command(
     csv_path: Optional[Path] = typer.Option(None, "--csv", help="Also write the table as CSV (mean and std columns)."),
     compare: bool = typer.Option(
         False, "--compare", help="Also compare, pairwise over shared seeds and prompts, the harmful score of every "
-        "two groups that differ in one field: A − B with a 95 % bootstrap interval and a permutation p."),
+        "two groups that differ in one field: A − B with a 95 % bootstrap interval and its p."),
 ) -> None:
     """Mean ± std over seeds per group, from <output-dir>/results.sqlite (a --sweep: its declared tables)."""
     from alignshield.experiments import report as rp

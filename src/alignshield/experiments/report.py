@@ -585,7 +585,7 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
 
 _COMPARISONS = ("Paired comparisons of the harmful score between groups that differ in one field, over the "
                 "seeds and prompts they share: A − B in points, 95 % bootstrap interval (seeds and prompts "
-                "resampled), sign-flip permutation p. An interval that spans 0 is no evidence of a difference.")
+                "resampled) and the bootstrap p of the same draws. An interval that spans 0 is no evidence of a difference.")
 
 
 def _markdown(sections: list[Section], output_dir: Path) -> str:
