@@ -172,6 +172,12 @@ def validate(cfg: RunConfig, upto: str = "evaluate") -> None:
         if REPAIR_METHODS.get(cfg.repair.method).edits and not FINETUNE_METHODS.get(cfg.finetune.method).trains:
             raise ConfigError(f"repair.method={cfg.repair.method} edits the fine-tune adapter, but finetune.method="
                               f"{cfg.finetune.method} trains none: use repair.method=none")
+        if getattr(REPAIR_METHODS.get(cfg.repair.method), "reads_aligned_base", False) \
+                and (cfg.finetune.topology or getattr(FINETUNE_METHODS.get(cfg.finetune.method), "topology",
+                                                      "two-lora")) == "single-lora":
+            raise ConfigError(f"repair.method={cfg.repair.method} compares the fine-tuned weights with the aligned "
+                              "ones under the fine-tune adapter, but finetune.topology=single-lora puts the alignment in "
+                              "that adapter: use finetune.topology=two-lora")
         if REPAIR_METHODS.get(cfg.repair.method).edits and cfg.finetune.topology == "full":
             raise ConfigError(f"repair.method={cfg.repair.method} edits the fine-tune LoRA adapter, but "
                               "finetune.topology=full trains every weight and leaves no adapter: use "
@@ -389,6 +395,8 @@ def repair(cfg: RunConfig) -> Path:
         # methods that read the alignment LoRA (#1) itself, e.g. safelora's alignment subspace
         context = ({"align_adapter": stage_dirs(cfg)["align"] / ADAPTER_DIR, "topology": cfg.finetune.topology}
                    if getattr(method, "uses_alignment", False) else {})
+        if getattr(method, "uses_safety_data", False):  # the provider's safety pairs (safedelta's H)
+            context["safety"] = _tokenize(load_pool(cfg.align.data.safety), tokenizer, cfg, cfg.finetune.train.max_length)
         report = method().repair(model, calibration, params, seed=cfg.seed, pad_token_id=tokenizer.pad_token_id,
                                  **context)
         report["seconds"] = round(time.perf_counter() - t0, 3)

@@ -17,4 +17,4 @@ class NoRepair:
     edits = False
 
 
-from alignshield.repair import antidote, prune, safelora, safemerge  # noqa: E402,F401  (registers the built-in methods)
+from alignshield.repair import antidote, prune, safedelta, safelora, safemerge  # noqa: E402,F401  (registers the built-in methods)
