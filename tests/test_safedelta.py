@@ -144,7 +144,7 @@ def test_the_repair_uses_the_aligned_models_inputs_and_stores_the_result_exactly
         expected, _ = safe_delta(w, w + delta, h[n], params)
         stored = m.scaling["default"] * m.lora_B["default"].weight.detach() @ m.lora_A["default"].weight.detach()
         torch.testing.assert_close(m.base_layer.weight, w)  # the base is untouched: the result is the adapter
-        torch.testing.assert_close(stored, expected - w, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(stored, expected - w, rtol=1e-4, atol=1e-7)  # H: float32 products
 
 
 @pytest.mark.parametrize("override, message", [

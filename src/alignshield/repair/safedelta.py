@@ -133,14 +133,19 @@ def safe_delta(w_aligned: torch.Tensor, w_ft: torch.Tensor, h: torch.Tensor, par
 
 
 def input_gram(model: nn.Module, modules: dict[str, nn.Module], batches) -> dict[str, torch.Tensor]:
-    """Per module, 2 X X^T / N over the non-padding tokens of its input (float64), N = examples."""
+    """Per module, 2 X X^T / N over the non-padding tokens of its input, N = examples: each batch's
+    product in float32 (as the reference), summed in float64. Modules that read the same tensor (q, k,
+    v; gate, up) share one product."""
     grams = {k: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for k, m in modules.items()}
-    current: dict[str, torch.Tensor] = {}
+    current: dict[str, Any] = {}
 
     def make_hook(key):
         def hook(module, args, output):
-            x = args[0].reshape(-1, args[0].shape[-1])[current["keep"].to(args[0].device)].double()
-            grams[key] += (x.T @ x).cpu()
+            x = args[0]
+            if current["last"][0] is not x:
+                flat = x.reshape(-1, x.shape[-1])[current["keep"].to(x.device)].float()
+                current["last"] = (x, (flat.T @ flat).double().cpu())
+            grams[key] += current["last"][1]
         return hook
 
     runner = _runner(model, modules.values())
@@ -151,7 +156,7 @@ def input_gram(model: nn.Module, modules: dict[str, nn.Module], batches) -> dict
         model.eval()
         with torch.no_grad(), model.disable_adapter():  # the ALIGNED model's inputs (the reference's)
             for batch in batches:
-                current["keep"] = batch["attention_mask"].reshape(-1).bool()
+                current["keep"], current["last"] = batch["attention_mask"].reshape(-1).bool(), (None, None)
                 examples += batch["input_ids"].shape[0]
                 runner(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
                        use_cache=False)
@@ -159,6 +164,7 @@ def input_gram(model: nn.Module, modules: dict[str, nn.Module], batches) -> dict
         for h in handles:
             h.remove()
         model.train(was_training)
+        current.clear()
     return {k: 2 * g / examples for k, g in grams.items()}
 
 
