@@ -7,7 +7,7 @@ interval (better than the normal approximation near 0 % and 100 % and for small 
 
 Two configurations evaluated on the same prompts with the same seeds are compared pairwise
 (``paired_comparison``): the difference of their harmful scores with a bootstrap interval over seeds
-and prompts, and a p-value from the same resampling, so that p < 0.05 where the interval excludes 0.
+and prompts, and the percentile-bootstrap p of the same draws (p < 0.05 where the interval excludes 0).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def difference_interval(k1: float, n1: int, k2: float, n2: int, z: float = Z95) 
 @dataclass(frozen=True)
 class Paired:
     """A − B in percentage points over shared (seed, prompt) units, with a 95 % bootstrap interval
-    and the two-sided bootstrap p-value of the same resampling."""
+    and the two-sided percentile-bootstrap p of the same draws."""
 
     diff: float
     low: float
@@ -82,13 +82,12 @@ def paired_comparison(a: dict[int, dict[int, bool]], b: dict[int, dict[int, bool
     ``a`` and ``b`` map seed -> {prompt id -> flagged}. Units are the (seed, prompt) pairs both have.
     The difference is mean(a) − mean(b) over the units (percentage points). Interval: a two-way
     bootstrap (seeds and prompts drawn with replacement, independently; a seed stands for a whole
-    training run, a prompt for its answers in every seed), percentile 2.5 / 97.5. p: the bootstrap
-    test of H0 "no difference" on the same draws (Efron & Tibshirani 1993, 16.4): the bootstrap
-    differences shifted to mean 0 stand for the null distribution, and p is the share of them at least
-    as far from 0 as the observed difference, (count + 1) / (resamples + 1). Both resample the seeds,
-    so the p agrees with the interval; a permutation test over prompts alone (seeds held fixed) ignores
-    the seed-to-seed spread and can call a difference significant that one more training run would
-    undo. None when the two share no unit.
+    training run, a prompt for its answers in every seed), percentile 2.5 / 97.5. p: the same draws'
+    two-sided percentile-bootstrap p, 2 (min(#{boot <= 0}, #{boot >= 0}) + 1) / (resamples + 1) (capped
+    at 1): the smallest level at which a percentile interval would exclude 0, so p < 0.05 exactly where
+    the 95 % interval excludes 0 (up to quantile interpolation). A permutation test over prompts alone
+    (seeds held fixed) ignores the seed-to-seed spread and can call a difference significant that one
+    more training run would undo. None when the two share no unit.
     """
     import torch
 
@@ -103,7 +102,6 @@ def paired_comparison(a: dict[int, dict[int, bool]], b: dict[int, dict[int, bool
     rp = torch.randint(len(prompts), (resamples, len(prompts)), generator=g)
     boot = torch.stack([d[rs[i]][:, rp[i]].mean() for i in range(resamples)]) * 100
     low, high = (float(x) for x in torch.quantile(boot, torch.tensor([0.025, 0.975], dtype=torch.float64)))
-    observed = abs(diff)
-    null = (boot - float(boot.mean())).abs()
-    p = min(1.0, float(((null >= observed - 1e-9).sum() + 1) / (resamples + 1)))
+    below, above = int((boot <= 1e-9).sum()), int((boot >= -1e-9).sum())
+    p = min(1.0, 2 * (min(below, above) + 1) / (resamples + 1))
     return Paired(round(diff, 2), round(low, 2), round(high, 2), round(p, 4), len(seeds), len(prompts))
