@@ -135,7 +135,7 @@ def worker_finetune(spec: dict) -> dict:
     }
 
 
-def worker_repair_safedelta(spec: dict) -> dict:
+def worker_repair_safedelta(cfg) -> dict:
     """Safe Delta on a fine-tune-shaped adapter: H from its safety examples, then the OBS selection and
     compensation of every module, the call the repair stage times (never projected)."""
     import torch
@@ -145,7 +145,6 @@ def worker_repair_safedelta(spec: dict) -> dict:
     from alignshield.repair import REPAIR_METHODS
     from alignshield.repair.safedelta import SafeDelta
 
-    cfg = _config(spec)
     model, tokenizer = _trained_looking_adapter(cfg)
     params = cfg.repair.resolved_params(REPAIR_METHODS)
     safety = [tokenize_pair(tokenizer, e, cfg.template, cfg.finetune.train.max_length)
@@ -185,7 +184,7 @@ def worker_repair(spec: dict) -> dict:
 
     cfg = _config(spec)
     if cfg.repair.method == "safedelta":
-        return worker_repair_safedelta(spec)
+        return worker_repair_safedelta(cfg)
     model, tokenizer = _trained_looking_adapter(cfg)
     params = AntidoteParams(**cfg.repair.params)
     t0 = time.perf_counter()

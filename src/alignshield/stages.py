@@ -52,14 +52,20 @@ def resolve(cfg: RunConfig) -> RunConfig:
     cfg.model.dtype = resolve_dtype(cfg.model)
     cfg.model.attn_implementation = resolve_attention(cfg.model)
     cfg.model.adapter_compute = resolve_adapter_compute(cfg.model)
-    if cfg.finetune.topology is None:
-        method = FINETUNE_METHODS.get(cfg.finetune.method) if cfg.finetune.method in FINETUNE_METHODS else None
-        cfg.finetune.topology = getattr(method, "topology", "two-lora")
+    cfg.finetune.topology = finetune_topology(cfg)
     cfg.finetune.master_weights = resolve_master_weights(cfg)
     for stage, registry in METHOD_REGISTRIES.items():
         section = getattr(cfg, stage)
         section.params = section.resolved_params(registry).model_dump(mode="json")
     return cfg
+
+
+def finetune_topology(cfg: RunConfig) -> str:
+    """``finetune.topology``, or where unset the fine-tune method's own (two-lora for most)."""
+    if cfg.finetune.topology is not None:
+        return cfg.finetune.topology
+    method = FINETUNE_METHODS.get(cfg.finetune.method) if cfg.finetune.method in FINETUNE_METHODS else None
+    return getattr(method, "topology", "two-lora")
 
 
 def resolve_master_weights(cfg: RunConfig) -> str:
@@ -173,8 +179,7 @@ def validate(cfg: RunConfig, upto: str = "evaluate") -> None:
             raise ConfigError(f"repair.method={cfg.repair.method} edits the fine-tune adapter, but finetune.method="
                               f"{cfg.finetune.method} trains none: use repair.method=none")
         if getattr(REPAIR_METHODS.get(cfg.repair.method), "reads_aligned_base", False) \
-                and (cfg.finetune.topology or getattr(FINETUNE_METHODS.get(cfg.finetune.method), "topology",
-                                                      "two-lora")) == "single-lora":
+                and finetune_topology(cfg) == "single-lora":
             raise ConfigError(f"repair.method={cfg.repair.method} compares the fine-tuned weights with the aligned "
                               "ones under the fine-tune adapter, but finetune.topology=single-lora puts the alignment in "
                               "that adapter: use finetune.topology=two-lora")
@@ -214,7 +219,7 @@ def _check_alignment_lora(cfg: RunConfig, stage: str, method) -> None:
     if not getattr(method, "uses_alignment", False):
         return
     who = f"{stage}.method={getattr(cfg, stage).method}"
-    topology = cfg.finetune.topology or getattr(FINETUNE_METHODS.get(cfg.finetune.method), "topology", "two-lora")
+    topology = finetune_topology(cfg)
     if topology != "two-lora":
         raise ConfigError(f"{who} reads the alignment LoRA (#1) beside the fine-tune LoRA (#2): it needs "
                           f"finetune.topology=two-lora, not {topology}")

@@ -51,7 +51,7 @@ from torch import nn
 
 from alignshield.config import MethodParams
 from alignshield.data.collate import Tokenized
-from alignshield.models.lora import LoraTarget, check_mergeable, find_targets, lora_delta, store_dense_delta
+from alignshield.models.lora import check_mergeable, find_targets, lora_delta, store_dense_delta
 from alignshield.repair import REPAIR_METHODS
 from alignshield.repair.antidote import _runner, calibration_batches
 
@@ -184,7 +184,6 @@ class SafeDelta:
         if not safety:
             raise ValueError("safedelta: no safety examples; align.data.safety must select harmful prompts with "
                              "safe answers")
-        targets: list[LoraTarget]
         targets, _ = find_targets(model, params.target_modules)
         check_mergeable(targets)
         used = random.Random(seed).sample(safety, min(params.n_safety, len(safety)))
