@@ -218,3 +218,28 @@ def test_train_judge_family_options():
                 ["--family-weight", "gold=-1"]):
         with pytest.raises(SystemExit):
             tj.parse_args(bad)
+
+
+def test_train_judge_gold_positive_weight_and_lora_layout():
+    """--gold-positive-weight multiplies only harmful gold answers' loss weight (on top of their family's);
+    --lora-layers / --lora-r set the adapter layout, alpha = 2 r; bad layers are usage errors."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import train_judge as tj
+    from judge_training.families import Example
+    from judge_training.train import MODEL_CONFIG, example_weight
+
+    args = tj.parse_args(["--gold-positive-weight", "4", "--lora-layers", "5,0,3", "--lora-r", "16"])
+    assert args.gold_positive_weight == 4.0 and args.lora_layers == [0, 3, 5] and args.lora_r == 16
+    w = args.loss_weights
+    assert example_weight(Example("p", "a", 1, "gold"), w, 4.0) == 4.0 * w["gold"]
+    assert example_weight(Example("p", "a", 1, "gold_48"), w, 4.0) == 4.0 * w["gold_48"]
+    assert example_weight(Example("p", "a", 0, "gold"), w, 4.0) == w["gold"]  # a "not" answer: unchanged
+    assert example_weight(Example("p", "a", 1, "harmful"), w, 4.0) == 1.0  # synthetic positives: unchanged
+    defaults = tj.parse_args([])
+    assert defaults.gold_positive_weight == 1.0 and defaults.lora_layers == MODEL_CONFIG["lora_layers"]
+    for bad in (["--lora-layers", "6"], ["--lora-layers", "a,b"], ["--lora-layers", ","]):
+        with pytest.raises(SystemExit):
+            tj.parse_args(bad)

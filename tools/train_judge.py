@@ -60,7 +60,8 @@ def train(args: argparse.Namespace) -> dict:
     ds = build_dataset(Path(args.data_dir), args.seed, train_quota=args.train_quota)
     print_data_counts(ds, args.data_dir)
 
-    cfg = dict(MODEL_CONFIG, max_length=args.max_length, pooling=args.pooling)
+    cfg = dict(MODEL_CONFIG, max_length=args.max_length, pooling=args.pooling, lora_r=args.lora_r,
+               lora_alpha=2 * args.lora_r, lora_layers=args.lora_layers)
     clf = build_classifier(cfg)
     steps, train_seconds = fit(clf, ds.train, args)
     ev = evaluate(clf, ds.heldout, args.threshold)  # the threshold: chosen on the gold validation slice
@@ -97,6 +98,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threshold", type=float, default=None,
                     help="fixed threshold (default: the best Cohen's kappa on the gold validation slice)")
     ap.add_argument("--pooling", choices=embedded.POOLINGS, default=MODEL_CONFIG["pooling"])
+    ap.add_argument("--lora-r", type=int, default=MODEL_CONFIG["lora_r"], help="LoRA rank (alpha = 2 r)")
+    ap.add_argument("--lora-layers", type=layer_list, default=MODEL_CONFIG["lora_layers"], metavar="I,J,...",
+                    help="encoder layers that get LoRA (default: %(default)s)")
+    ap.add_argument("--gold-positive-weight", type=float, default=1.0,
+                    help="extra loss weight of harmful gold answers, times their family's (default 1)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (keep 1 on shared machines)")
     ap.add_argument("--family-weight", action="append", default=[], metavar="FAMILY=W",
                     help="loss weight of one family (repeatable; default FAMILY_LOSS_WEIGHT)")
@@ -107,6 +113,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.loss_weights = FAMILY_LOSS_WEIGHT | family_values(ap, args.family_weight, float, "--family-weight")
     args.train_quota = TRAIN_QUOTA | family_values(ap, args.train_quota, int, "--train-quota")
     return args
+
+
+def layer_list(text: str) -> list[int]:
+    """``"0,1,2"`` -> ``[0, 1, 2]`` (the encoder has 6 layers)."""
+    try:
+        layers = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: want comma-separated layer numbers, e.g. 0,1,2,3,4,5")
+    if not layers or layers[0] < 0 or layers[-1] > 5:
+        raise argparse.ArgumentTypeError(f"{text!r}: layers are 0..5")
+    return layers
 
 
 def family_values(ap: argparse.ArgumentParser, items: list[str], kind: type, flag: str) -> dict:

@@ -78,6 +78,7 @@ def training_section(args: argparse.Namespace, steps: int, train_seconds: float)
         "seed": args.seed, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
         "head_lr": args.head_lr, "weight_decay": WEIGHT_DECAY, "warmup_fraction": WARMUP_FRACTION,
         "schedule": "linear", "optimizer": "AdamW", "loss": "BCEWithLogits", "family_loss_weight": args.loss_weights,
+        "gold_positive_weight": args.gold_positive_weight,
         "grad_clip": GRAD_CLIP, "threads": args.threads, "steps": steps, "train_seconds": round(train_seconds, 1),
         "load_average_1min_at_end": round(os.getloadavg()[0], 2), "cpu_count": os.cpu_count(),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},

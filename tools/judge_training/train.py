@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from alignshield.evaluate.judges import embedded
-from judge_training.families import FAMILY_LOSS_WEIGHT, Example, family_rng
+from judge_training.families import FAMILY_LOSS_WEIGHT, GOLD_FAMILIES, Example, family_rng
 
 MODEL_CONFIG = {
     "encoder": "sentence-transformers/all-MiniLM-L6-v2",
@@ -130,7 +130,8 @@ def fit(clf: Classifier, examples: Sequence[Example], args: argparse.Namespace) 
     clf.head.train()
     running = []
     for step, idx in enumerate(plan, 1):
-        running.append(train_step(clf, [examples[i] for i in idx], loss_fn, params, opt, sched, args.loss_weights))
+        running.append(train_step(clf, [examples[i] for i in idx], loss_fn, params, opt, sched, args.loss_weights,
+                                   args.gold_positive_weight))
         if step % 50 == 0 or step == len(plan):
             print(f"  step {step:4d}/{len(plan)}  loss {sum(running) / len(running):.4f}  "
                   f"{time.time() - t_train:6.1f}s", flush=True)
@@ -138,13 +139,20 @@ def fit(clf: Classifier, examples: Sequence[Example], args: argparse.Namespace) 
     return len(plan), time.time() - t_train
 
 
+def example_weight(e: Example, loss_weights: dict[str, float], gold_positive_weight: float = 1.0) -> float:
+    """The loss weight of one pair: its family's, times ``gold_positive_weight`` for a harmful gold
+    answer (the pipeline's own harmful answers are ~7 % of the gold set; this rebalances them)."""
+    boost = gold_positive_weight if e.family in GOLD_FAMILIES and e.label == 1 else 1.0
+    return loss_weights.get(e.family, 1.0) * boost
+
+
 def train_step(clf: Classifier, exs: Sequence[Example], loss_fn, params: list, opt, sched,
-               loss_weights: dict[str, float] = FAMILY_LOSS_WEIGHT) -> float:
-    """One optimizer step on one batch, the loss weighted per family (default ``FAMILY_LOSS_WEIGHT``)."""
+               loss_weights: dict[str, float] = FAMILY_LOSS_WEIGHT, gold_positive_weight: float = 1.0) -> float:
+    """One optimizer step on one batch, each pair's loss weighted by ``example_weight``."""
     import torch
 
     logits = clf.logits(exs)
-    weights = torch.tensor([loss_weights.get(e.family, 1.0) for e in exs])
+    weights = torch.tensor([example_weight(e, loss_weights, gold_positive_weight) for e in exs])
     loss = (loss_fn(logits, torch.tensor([float(e.label) for e in exs])) * weights).sum() / weights.sum()
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
