@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Literal
+from typing import Any, Callable, Iterable, Iterator, Literal
 
 import torch
 from pydantic import Field
@@ -109,6 +109,40 @@ def _runner(model: nn.Module, hooked: Iterable[nn.Module]) -> nn.Module:
     return model
 
 
+def hooked_forward(model: nn.Module, modules: dict[Any, nn.Module], batches: Iterable[dict],
+                   on_input: Callable[[Any, torch.Tensor, torch.Tensor], None]) -> tuple[int, int]:
+    """Run ``batches`` (``input_ids``, ``attention_mask`` with 1 = real token) through ``model`` in eval
+    mode without gradients, calling ``on_input(key, x, keep)`` from a forward hook on each module: ``x`` its
+    input, ``keep`` the batch's flattened mask (which of ``x``'s token rows are real). Hooks are removed and
+    the training mode restored whatever happens. Returns (examples, real tokens) seen."""
+
+    def make_hook(key):
+        def hook(module, args, output):
+            if not args:
+                raise RuntimeError(f"{key}: forward hook got no positional input")
+            on_input(key, args[0], keep)
+        return hook
+
+    runner = _runner(model, modules.values())
+    device = next(model.parameters()).device
+    was_training = model.training
+    handles = [m.register_forward_hook(make_hook(key)) for key, m in modules.items()]
+    examples = tokens = 0
+    try:
+        model.eval()
+        with torch.no_grad():
+            for batch in batches:
+                mask = batch["attention_mask"]
+                keep = mask.reshape(-1).bool()
+                examples, tokens = examples + mask.shape[0], tokens + int(mask.sum())
+                runner(input_ids=batch["input_ids"].to(device), attention_mask=mask.to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return examples, tokens
+
+
 def collect_input_stats(model: nn.Module, modules: dict[Any, nn.Module],
                         batches: Iterable[dict]) -> dict[Any, InputStats]:
     """Per module, the float64 sum of squares of its input features over the non-padding tokens.
@@ -117,40 +151,17 @@ def collect_input_stats(model: nn.Module, modules: dict[Any, nn.Module],
     every forward pass; one that never sees a token is an error naming it.
     """
     stats = {key: InputStats(torch.zeros(m.in_features, dtype=torch.float64)) for key, m in modules.items()}
-    current: dict[str, torch.Tensor] = {}
 
-    def make_hook(key):
-        def hook(module, args, output):
-            if not args:
-                raise RuntimeError(f"{key}: forward hook got no positional input")
-            x = args[0]
-            flat = x.reshape(-1, x.shape[-1])
-            keep = current["keep"]
-            if flat.shape[0] != keep.numel():
-                raise RuntimeError(f"{key}: input has {flat.shape[0]} token rows, the batch has {keep.numel()} "
-                                   "positions; cannot align it with the attention mask")
-            real = flat[keep.to(flat.device)].double()
-            stats[key].sum_sq += real.pow(2).sum(0).cpu()
-            stats[key].tokens += real.shape[0]
-        return hook
+    def on_input(key, x: torch.Tensor, keep: torch.Tensor) -> None:
+        flat = x.reshape(-1, x.shape[-1])
+        if flat.shape[0] != keep.numel():
+            raise RuntimeError(f"{key}: input has {flat.shape[0]} token rows, the batch has {keep.numel()} "
+                               "positions; cannot align it with the attention mask")
+        real = flat[keep.to(flat.device)].double()
+        stats[key].sum_sq += real.pow(2).sum(0).cpu()
+        stats[key].tokens += real.shape[0]
 
-    runner = _runner(model, modules.values())
-    device = next(model.parameters()).device
-    was_training = model.training
-    handles = [m.register_forward_hook(make_hook(key)) for key, m in modules.items()]
-    total = 0
-    try:
-        model.eval()
-        with torch.no_grad():
-            for batch in batches:
-                mask = batch["attention_mask"]
-                current["keep"] = mask.reshape(-1).bool()
-                total += int(mask.sum())
-                runner(input_ids=batch["input_ids"].to(device), attention_mask=mask.to(device), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    _, total = hooked_forward(model, modules, batches, on_input)
     missing = [str(k) for k, s in stats.items() if s.tokens != total]
     if total == 0:
         raise ValueError("the calibration batches hold no tokens")

@@ -53,7 +53,7 @@ from alignshield.config import MethodParams
 from alignshield.data.collate import Tokenized
 from alignshield.models.lora import check_mergeable, find_targets, lora_delta, store_dense_delta
 from alignshield.repair import REPAIR_METHODS
-from alignshield.repair.antidote import _runner, calibration_batches
+from alignshield.repair.antidote import calibration_batches, hooked_forward
 
 log = logging.getLogger(__name__)
 REFERENCE_ROWS, REFERENCE_BLOCKS_PER_4096 = 4096, 2  # the budget's Llama-2-7B constants (safedelta_runner.py)
@@ -137,34 +137,19 @@ def input_gram(model: nn.Module, modules: dict[str, nn.Module], batches) -> dict
     product in float32 (as the reference), summed in float64. Modules that read the same tensor (q, k,
     v; gate, up) share one product."""
     grams = {k: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for k, m in modules.items()}
-    current: dict[str, Any] = {}
+    last: list = [None, None]  # (the input tensor, its product): the next module reading it reuses it
 
-    def make_hook(key):
-        def hook(module, args, output):
-            x = args[0]
-            if current["last"][0] is not x:
-                flat = x.reshape(-1, x.shape[-1])[current["keep"].to(x.device)].float()
-                current["last"] = (x, (flat.T @ flat).double().cpu())
-            grams[key] += current["last"][1]
-        return hook
+    def on_input(key, x: torch.Tensor, keep: torch.Tensor) -> None:
+        if last[0] is not x:
+            flat = x.reshape(-1, x.shape[-1])[keep.to(x.device)].float()
+            last[:] = [x, (flat.T @ flat).double().cpu()]
+        grams[key] += last[1]
 
-    runner = _runner(model, modules.values())
-    device = next(model.parameters()).device
-    handles = [m.register_forward_hook(make_hook(k)) for k, m in modules.items()]
-    examples, was_training = 0, model.training
     try:
-        model.eval()
-        with torch.no_grad(), model.disable_adapter():  # the ALIGNED model's inputs (the reference's)
-            for batch in batches:
-                current["keep"], current["last"] = batch["attention_mask"].reshape(-1).bool(), (None, None)
-                examples += batch["input_ids"].shape[0]
-                runner(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                       use_cache=False)
+        with model.disable_adapter():  # the ALIGNED model's inputs (the reference's)
+            examples, _ = hooked_forward(model, modules, batches, on_input)
     finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-        current.clear()
+        last.clear()
     return {k: 2 * g / examples for k, g in grams.items()}
 
 
