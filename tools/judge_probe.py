@@ -31,17 +31,14 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
-from judge_training.dataset import normalize_prompt  # noqa: E402
-from judge_training.metrics import cohen_kappa  # noqa: E402
+from judge_training.dataset import is_heldout, normalize_prompt, read_jsonl  # noqa: E402
+from judge_training.metrics import binary_metrics, cohen_kappa  # noqa: E402
+
+from alignshield.evaluate.judges import embedded  # noqa: E402
 
 GOLD = ROOT / "src/alignshield/resources/data/judge/gold_answers.jsonl"
 HEADLINE = ROOT / "docs/results/headline-hand-labels.jsonl"
 LAYERS = (6, 10, 14, 18, 22, 26, 30)
-SPLIT_SALT = "alignshield-embedded-judge-split-v1:"  # the judge's own held-out rule (tools/judge_training)
-
-
-def read(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.open(encoding="utf-8")]
 
 
 def features(rows: list[dict], batch_size: int = 16) -> np.ndarray:
@@ -77,8 +74,7 @@ def features(rows: list[dict], batch_size: int = 16) -> np.ndarray:
                 answer[k, len(a):len(a) + len(b)] = 1
             hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
             for j, layer in enumerate(LAYERS):
-                h = hidden[layer].float()
-                out[idx, j] = ((h * answer[..., None]).sum(1) / answer.sum(1, keepdim=True)).numpy()
+                out[idx, j] = embedded.mean_pool(hidden[layer].float(), answer).numpy()
     return out.reshape(len(rows), -1)
 
 
@@ -91,13 +87,10 @@ def cached_features(rows: list[dict], cache: Path) -> np.ndarray:
     return feats
 
 
-def judge_scores(rows: list[dict]) -> np.ndarray:
-    """The shipped ``embedded`` judge's score, 0 where its rules apply (as its verdicts count)."""
-    import alignshield.evaluate.judges.embedded  # noqa: F401  registers "embedded"
-    from alignshield.evaluate.judges import make_judge
-
-    judge = make_judge("embedded", {"batch_size": 32})
-    return np.array(judge.scores([r["prompt"] for r in rows], [r["answer"] for r in rows]))
+def judge_scores(rows: list[dict]) -> tuple[np.ndarray, float]:
+    """The shipped ``embedded`` judge's scores (0 where its rules apply) and its threshold."""
+    judge = embedded.EmbeddedJudge(batch_size=32)
+    return np.array(judge.scores([r["prompt"] for r in rows], [r["answer"] for r in rows])), judge.threshold
 
 
 def probe(C: float):
@@ -108,11 +101,13 @@ def probe(C: float):
     return make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=3000, class_weight="balanced"))
 
 
-def agreement(y: np.ndarray, flags: np.ndarray) -> dict:
-    tp, fp, fn = int((y & flags).sum()), int((~y & flags).sum()), int((y & ~flags).sum())
-    return {"n": int(len(y)), "harmful": int(y.sum()), "kappa": round(cohen_kappa(list(y), list(flags)), 3),
-            "precision": round(tp / (tp + fp), 3) if tp + fp else None,
-            "recall": round(tp / (tp + fn), 3) if tp + fn else None, "flag_rate": round(float(flags.mean()), 3)}
+def agreement(y: np.ndarray, scores: np.ndarray, threshold: float) -> dict:
+    """Hand labels vs flags at ``threshold``: kappa, precision, recall, AUC, flag rate."""
+    flags = scores >= threshold
+    m = binary_metrics(list(y.astype(int)), list(flags), list(scores))
+    out = {k: m[k] for k in ("n", "precision", "recall", "auc")}
+    out |= {"harmful": int(y.sum()), "kappa": cohen_kappa(list(y), list(flags)), "flag_rate": float(flags.mean())}
+    return {k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}
 
 
 def main() -> int:
@@ -127,15 +122,15 @@ def main() -> int:
         from alignshield.models.load import cache_dir
 
         args.features = cache_dir() / "judge-probe"
-    gold, head = read(GOLD), read(HEADLINE)
+    gold, head = read_jsonl(GOLD), read_jsonl(HEADLINE)
     X, XH = cached_features(gold, args.features / "gold.npy"), cached_features(head, args.features / "headline.npy")
-    J, JH = judge_scores(gold), judge_scores(head)
+    (J, judge_threshold), (JH, _) = judge_scores(gold), judge_scores(head)
+    ruled, hruled = ([embedded.never_flagged(r["prompt"], r["answer"]) for r in rows] for rows in (gold, head))
     label = np.array([r["label"] for r in gold])
     y = label == "harmful"
     part, style, kind = (np.array([r[k] for r in gold]) for k in ("part", "style", "kind"))
-    key = [normalize_prompt(r["prompt"]) for r in gold]
-    val = np.array([int(hashlib.sha256((SPLIT_SALT + k).encode()).hexdigest(), 16) % 100 < 15 for k in key])
-    fold = np.array([int(hashlib.sha256(k.encode()).hexdigest(), 16) % 5 for k in key])
+    val = np.array([is_heldout(r["prompt"]) for r in gold])  # the prompts the shipped judge never trained on
+    fold = np.array([int(hashlib.sha256(normalize_prompt(r["prompt"]).encode()).hexdigest(), 16) % 5 for r in gold])
     train = (part == "train") & (label != "borderline")
 
     out_of_fold = np.zeros(len(gold))
@@ -143,29 +138,31 @@ def main() -> int:
         fitted = probe(args.C).fit(X[train & (fold != f)], y[train & (fold != f)])
         out_of_fold[fold == f] = fitted.predict_proba(X[fold == f])[:, 1]
     final = probe(args.C).fit(X[train], y[train])
-    mix = lambda p, j: np.where(j == 0, 0.0, args.weight * p + (1 - args.weight) * j)  # noqa: E731
+    def mix(p: np.ndarray, j: np.ndarray, rule: list[bool]) -> np.ndarray:
+        return np.where(rule, 0.0, args.weight * p + (1 - args.weight) * j)
+
     va = train & val
-    cv_score = mix(out_of_fold, J)
+    cv_score = mix(out_of_fold, J, ruled)
     thresholds = [round(t, 2) for t in np.arange(0.05, 0.96, 0.05)]
     threshold = max(thresholds, key=lambda t: cohen_kappa(list(y[va]), list(cv_score[va] >= t)))
 
-    report = {"C": args.C, "weight": args.weight, "threshold": threshold, "validation": agreement(y[va], cv_score[va] >= threshold)}
+    report = {"C": args.C, "weight": args.weight, "threshold": threshold,
+              "validation": agreement(y[va], cv_score[va], threshold)}
     test = part == "test"
-    for name, score, thr in (("ensemble", mix(final.predict_proba(X)[:, 1], J), threshold), ("embedded", J, None)):
-        thr = thr if thr is not None else float(json.loads((ROOT / "src/alignshield/resources/judge/judge.json")
-                                                           .read_text())["model"]["threshold"])
+    hl = np.array([r["label"] for r in head])
+    scores = {"ensemble": (mix(final.predict_proba(X)[:, 1], J, ruled), mix(final.predict_proba(XH)[:, 1], JH, hruled),
+                           threshold),
+              "embedded": (J, JH, judge_threshold)}
+    for name, (score, hscore, thr) in scores.items():
         flags = score >= thr
         scored = test & (label != "borderline")
-        row = {"threshold": thr, "gold_test": agreement(y[scored], flags[scored])}
+        row = {"threshold": thr, "gold_test": agreement(y[scored], score[scored], thr)}
         for s in ("question", "instruction"):
-            row[f"gold_test_{s}"] = agreement(y[scored & (style == s)], flags[scored & (style == s)])
+            row[f"gold_test_{s}"] = agreement(y[scored & (style == s)], score[scored & (style == s)], thr)
         row["not_family_flag_rate"] = {str(k): round(float(flags[test & (label == "not") & (kind == k)].mean()), 3)
                                        for k in sorted(set(kind[test & (label == "not")]))}
-        hl = np.array([r["label"] for r in head])
-        hscore = mix(final.predict_proba(XH)[:, 1], JH) if name == "ensemble" else JH
-        hflags = hscore >= thr
-        row["headline"] = agreement(hl[hl != "borderline"] == "harmful", hflags[hl != "borderline"])
-        row["headline"]["flag_rate_all"] = round(float(hflags.mean()), 3)
+        row["headline"] = agreement(hl[hl != "borderline"] == "harmful", hscore[hl != "borderline"], thr)
+        row["headline"]["flag_rate_all"] = round(float((hscore >= thr).mean()), 3)
         report[name] = row
         g = row["gold_test"]
         print(f"{name:9s} threshold {thr:.2f}: gold test kappa {g['kappa']:.3f} P {g['precision']} R {g['recall']}; "
