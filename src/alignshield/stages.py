@@ -379,7 +379,8 @@ def _benign_examples(model, tokenizer, cfg: RunConfig, pool: list[Example]) -> t
 
 
 def repair(cfg: RunConfig) -> Path:
-    """Edit the fine-tune adapter without training; returns the folder of the adapter to evaluate."""
+    """Edit the fine-tune adapter (by training it, for ``oneshot-patch``); returns the folder of the adapter
+    to evaluate."""
     validate(cfg, "repair")
     finetune_dir = finetune(cfg)
     method = REPAIR_METHODS.get(cfg.repair.method)
@@ -402,6 +403,9 @@ def repair(cfg: RunConfig) -> Path:
                    if getattr(method, "uses_alignment", False) else {})
         if getattr(method, "uses_safety_data", False):  # the provider's safety pairs (safedelta's H)
             context["safety"] = _tokenize(load_pool(cfg.align.data.safety), tokenizer, cfg, cfg.finetune.train.max_length)
+        if getattr(method, "uses_tokenizer", False):  # a method that trains on pairs of its own (oneshot-patch)
+            context["tokenize"] = lambda e: tokenize_pair(tokenizer, e, cfg.template, cfg.finetune.train.max_length)
+            context["model_config"] = cfg.model
         report = method().repair(model, calibration, params, seed=cfg.seed, pad_token_id=tokenizer.pad_token_id,
                                  **context)
         report["seconds"] = round(time.perf_counter() - t0, 3)
