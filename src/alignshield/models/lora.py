@@ -150,30 +150,43 @@ def check_mergeable(targets: list[LoraTarget]) -> None:
 def store_dense_delta(model: nn.Module, target: LoraTarget, delta: torch.Tensor) -> int:
     """Replace the target's LoRA factors by an exact factorisation of ``delta``; returns its rank.
 
-    rank = min(out, in); the factor on the short side is the identity, the other holds ``delta``, and
-    lora_alpha is chosen so the scale is exactly 1. The per-module rank and alpha go first into the
-    adapter config's ``rank_pattern``/``alpha_pattern`` (keyed by the full module name, ahead of any
-    user pattern so none shadows them), which is what PEFT reads when the saved adapter is loaded.
+    rank = min(out, in); the factor on the short side is the identity, the other holds ``delta``
+    (stored by ``store_factors``, so at scale exactly 1 with the new rank recorded for loading).
+    """
+    out_f, in_f = delta.shape
+    eye = torch.eye(min(out_f, in_f), dtype=torch.float64)
+    b, a = (eye, delta.double()) if out_f <= in_f else (delta.double(), eye)
+    return store_factors(model, target, b, a)
+
+
+def store_factors(model: nn.Module, target: LoraTarget, b: torch.Tensor, a: torch.Tensor) -> int:
+    """Replace the target's LoRA factors by B (out x r) and A (r x in), so its update is exactly B @ A;
+    returns r.
+
+    lora_alpha is chosen so the scale is exactly 1 (r, or sqrt(r) under rslora). The per-module rank and
+    alpha go first into the adapter config's ``rank_pattern``/``alpha_pattern`` (keyed by the full module
+    name, ahead of any user pattern so none shadows them), which is what PEFT reads when the saved
+    adapter is loaded.
     """
     m, adapter = target.module, target.adapter
     config = getattr(model, "peft_config", {}).get(adapter)
     if config is None:
-        raise ValueError("score=merged needs a PeftModel (its adapter config records the new ranks)")
-    out_f, in_f = delta.shape
-    rank = min(out_f, in_f)
+        raise ValueError("storing new LoRA factors needs a PeftModel (its adapter config records the new ranks)")
+    out_f, rank = b.shape
+    if a.shape[0] != rank:
+        raise ValueError(f"{target.name}: factors of ranks {rank} (B) and {a.shape[0]} (A) do not multiply")
+    in_f = a.shape[1]
     # the layer records rslora per adapter (peft >= 0.15); older peft keeps it in the adapter config only
     rslora = bool(getattr(m, "use_rslora", {}).get(adapter, config.use_rslora))
     lora_alpha = math.sqrt(rank) if rslora else float(rank)
     scaling = lora_alpha / math.sqrt(rank) if rslora else lora_alpha / rank
     old_a = target.factor("lora_A").weight
     dtype, device = old_a.dtype, old_a.device
-    eye = torch.eye(rank, dtype=torch.float64)
-    a_w, b_w = (delta / scaling, eye) if out_f <= in_f else (eye, delta / scaling)
     new_a = nn.Linear(in_f, rank, bias=False, dtype=dtype, device=device)
     new_b = nn.Linear(rank, out_f, bias=False, dtype=dtype, device=device)
     with torch.no_grad():
-        new_a.weight.copy_(a_w)
-        new_b.weight.copy_(b_w)
+        new_a.weight.copy_(a / scaling)
+        new_b.weight.copy_(b)
     new_a.weight.requires_grad_(old_a.requires_grad)
     new_b.weight.requires_grad_(old_a.requires_grad)
     m.lora_A[adapter], m.lora_B[adapter] = new_a, new_b
