@@ -19,4 +19,4 @@ class NoRepair:
     edits = False
 
 
-from alignshield.repair import antidote, oneshot, prune, safedelta, safelora, safemerge  # noqa: E402,F401  (registers the built-in methods)
+from alignshield.repair import antidote, oneshot, prune, resta, safedelta, safelora, safemerge  # noqa: E402,F401  (registers the built-in methods)
