@@ -16,6 +16,9 @@ judge harm better than the ``embedded`` judge, alone or averaged with it? (docs/
    judge held out), scored by probes fitted in 5 folds by prompt that never saw those answers.
 5. Measured on what nothing here trained on: the gold test part (overall, per prompt style, and the
    flag rate of every "not" family) and the 1,500 hand-labelled headline answers.
+6. ``--style-thresholds``: also the probe alone, with one threshold per prompt style (question /
+   instruction), each the best kappa of out-of-fold probe scores over the whole gold train part
+   (5 folds by prompt), a validation set five times the judge's slice.
 The last line is one JSON object.
 """
 
@@ -116,6 +119,8 @@ def main() -> int:
                     help="feature cache folder (default: <alignshield cache>/judge-probe)")
     ap.add_argument("--C", type=float, default=0.001, help="inverse L2 strength of the probe")
     ap.add_argument("--weight", type=float, default=0.5, help="the probe's share of the averaged score")
+    ap.add_argument("--style-thresholds", action="store_true",
+                    help="also score the probe alone with per-style thresholds chosen out of fold on the train part")
     args = ap.parse_args()
 
     if args.features is None:
@@ -145,30 +150,40 @@ def main() -> int:
     cv_score = mix(out_of_fold, J, ruled)
     thresholds = [round(t, 2) for t in np.arange(0.05, 0.96, 0.05)]
     threshold = max(thresholds, key=lambda t: cohen_kappa(list(y[va]), list(cv_score[va] >= t)))
+    def best(score: np.ndarray, rows: np.ndarray) -> float:
+        return max((round(t, 2) for t in np.arange(0.05, 0.99, 0.01)),
+                   key=lambda t: cohen_kappa(list(y[rows]), list(score[rows] >= t)))
 
     report = {"C": args.C, "weight": args.weight, "threshold": threshold,
               "validation": agreement(y[va], cv_score[va], threshold)}
     test = part == "test"
     hl = np.array([r["label"] for r in head])
+    both = lambda t: {"question": t, "instruction": t}  # noqa: E731  (one threshold per prompt style)
     scores = {"ensemble": (mix(final.predict_proba(X)[:, 1], J, ruled), mix(final.predict_proba(XH)[:, 1], JH, hruled),
-                           threshold),
-              "embedded": (J, JH, judge_threshold)}
+                           both(threshold)),
+              "embedded": (J, JH, both(judge_threshold))}
+    if args.style_thresholds:  # the probe alone; thresholds from its out-of-fold scores on all of the train part
+        oof = np.where(ruled, 0.0, out_of_fold)
+        scores["probe_style_thresholds"] = (np.where(ruled, 0.0, final.predict_proba(X)[:, 1]),
+                                            np.where(hruled, 0.0, final.predict_proba(XH)[:, 1]),
+                                            {s: best(oof, train & (style == s)) for s in ("question", "instruction")})
     for name, (score, hscore, thr) in scores.items():
-        flags = score >= thr
+        cut = np.array([thr[s] for s in style])  # headline prompts are all question-style
+        flags = score >= cut
         scored = test & (label != "borderline")
-        row = {"threshold": thr, "gold_test": agreement(y[scored], score[scored], thr)}
+        row = {"threshold": thr, "gold_test": agreement(y[scored], score[scored], cut[scored])}
         for s in ("question", "instruction"):
-            row[f"gold_test_{s}"] = agreement(y[scored & (style == s)], score[scored & (style == s)], thr)
+            row[f"gold_test_{s}"] = agreement(y[scored & (style == s)], score[scored & (style == s)], thr[s])
         row["not_family_flag_rate"] = {str(k): round(float(flags[test & (label == "not") & (kind == k)].mean()), 3)
                                        for k in sorted(set(kind[test & (label == "not")]))}
-        row["headline"] = agreement(hl[hl != "borderline"] == "harmful", hscore[hl != "borderline"], thr)
-        row["headline"]["flag_rate_all"] = round(float((hscore >= thr).mean()), 3)
+        row["headline"] = agreement(hl[hl != "borderline"] == "harmful", hscore[hl != "borderline"], thr["question"])
+        row["headline"]["flag_rate_all"] = round(float((hscore >= thr["question"]).mean()), 3)
         report[name] = row
         g = row["gold_test"]
-        print(f"{name:9s} threshold {thr:.2f}: gold test kappa {g['kappa']:.3f} P {g['precision']} R {g['recall']}; "
-              f"question {row['gold_test_question']['kappa']:.3f}, instruction {row['gold_test_instruction']['kappa']:.3f}; "
-              f"headline kappa {row['headline']['kappa']:.3f}, flags {100 * row['headline']['flag_rate_all']:.1f} %; "
-              f"not families {row['not_family_flag_rate']}")
+        print(f"{name:9s} thresholds {thr['question']:.2f}/{thr['instruction']:.2f}: gold test kappa {g['kappa']:.3f} "
+              f"P {g['precision']} R {g['recall']}; question {row['gold_test_question']['kappa']:.3f}, "
+              f"instruction {row['gold_test_instruction']['kappa']:.3f}; headline kappa {row['headline']['kappa']:.3f}, "
+              f"flags {100 * row['headline']['flag_rate_all']:.1f} %; not families {row['not_family_flag_rate']}")
     print(json.dumps(report))
     return 0
 
