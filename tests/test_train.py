@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from alignshield.config import LoraSettings, MethodParams, TrainSettings
@@ -72,3 +73,72 @@ def test_epochs_set_the_step_count(tokenizer, tmp_path):
     trainer = Trainer(model, _data(tokenizer), args, MethodParams(), seed=0, workdir=tmp_path,
                       pad_token_id=0, progress=False)
     assert trainer.total_steps == 6  # 24 examples / 4 per batch = 6 batches per epoch; 2 epochs / 2 accum
+
+
+def _count_compiles(monkeypatch):
+    compiled = []
+
+    def compile(self, **kw):  # what nn.Module.compile leaves, with the eager forward standing in
+        compiled.append((self, kw))
+        self._compiled_call_impl = self._call_impl
+
+    monkeypatch.setattr(torch.nn.Module, "compile", compile)
+    return compiled
+
+
+def test_compile_compiles_every_decoder_layer_only_while_training(tokenizer, tmp_path, monkeypatch):
+    compiled = _count_compiles(monkeypatch)
+    trainer = _trainer(tokenizer, tmp_path, steps=2, compile=True)
+    layers = trainer.unwrapped_model().get_base_model().model.layers
+    trainer.train()
+    assert [m for m, _ in compiled] == list(layers) and all(kw == {"dynamic": True} for _, kw in compiled)
+    assert all(layer._compiled_call_impl is None for layer in layers)  # eager again after training
+
+
+def test_compile_is_off_by_default_and_for_methods_that_reach_inside_layers(tokenizer, tmp_path, monkeypatch):
+    from alignshield.align.tvaccine import TVaccineTrainer
+    from alignshield.align.vaccine import VaccineTrainer
+    from alignshield.finetune.surgery import SurgeryTrainer
+
+    compiled = _count_compiles(monkeypatch)
+    _trainer(tokenizer, tmp_path / "default", steps=1).train()
+    assert not compiled
+    assert not any(cls.compiles for cls in (VaccineTrainer, TVaccineTrainer, SurgeryTrainer))
+    assert Trainer.compiles
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(tokenizer, tmp_path):
+    """A real inductor compile (a C++ compiler is needed): the same losses as eager, to rounding."""
+    torch.manual_seed(0)
+    eager = _trainer(tokenizer, tmp_path / "eager", steps=3)
+    eager.train()
+    torch.manual_seed(0)
+    compiled = _trainer(tokenizer, tmp_path / "compiled", steps=3, compile=True)
+    compiled.train()
+    a, b = ([h["loss"] for h in t.history] for t in (eager, compiled))
+    assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
+    for (name, p), (_, q) in zip(_lora_state(eager).items(), _lora_state(compiled).items()):
+        assert torch.allclose(p, q, rtol=1e-3, atol=1e-5), name
+
+
+def test_compile_off_keeps_the_stage_keys_and_on_changes_them(tmp_path):
+    from alignshield import stages
+    from alignshield.config import load_config
+
+    def cfg(*extra):
+        return load_config(overrides=["model.name=" + str(tmp_path), f"output_dir={tmp_path}", *extra])
+
+    assert "compile" not in stages._key(cfg().align)["train"]  # keys computed before the field existed hold
+    assert "compile" not in stages._key(cfg().finetune)["train"]
+    base = stages.stage_dirs(cfg())
+    assert stages.stage_dirs(cfg("align.train.compile=false", "finetune.train.compile=false")) == base
+    on = stages.stage_dirs(cfg("align.train.compile=true"))
+    assert on["align"] != base["align"] and on["finetune"] != base["finetune"]  # rounding differs: its own folder
+    assert stages.stage_dirs(cfg("finetune.train.compile=true"))["align"] == base["align"]
+
+
+def test_compile_turns_prefix_sharing_off(tokenizer, tmp_path, monkeypatch):
+    _count_compiles(monkeypatch)
+    assert _trainer(tokenizer, tmp_path / "a", steps=1).share_prefix
+    assert not _trainer(tokenizer, tmp_path / "b", steps=1, compile=True).share_prefix

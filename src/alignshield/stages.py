@@ -101,7 +101,7 @@ def answers_dir(cfg: RunConfig) -> Path:
 def _model_keys(cfg: RunConfig) -> tuple[str, str, str]:
     """The align, fine-tune and repair keys of a resolved config: what the evaluated model depends on."""
     common = {"seed": cfg.seed, "template": cfg.template, "model": _key(cfg.model)}
-    a = stable_hash(common, cfg.align.model_dump(mode="json"))
+    a = stable_hash(common, _key(cfg.align))
     # a fine-tune that trains nothing is keyed by its method and task alone (the task because the
     # evaluation's accuracy is measured on it and its key builds on this one): n, p, lr... are unused
     trains = cfg.finetune.method not in FINETUNE_METHODS or FINETUNE_METHODS.get(cfg.finetune.method).trains
@@ -127,12 +127,22 @@ a float32 model can be). So the
 folders computed before the fields existed stay valid, and equal runs keep one folder."""
 
 
+TRAIN_ADDED_LATER = {"compile": False}
+"""Fields of a stage's ``train`` settings added after stages were computed, and the value at which
+they leave the key (``train.compile`` off: every run trained eagerly before it existed)."""
+
+
 def _key(section) -> dict[str, Any]:
-    """A stage section's part of its key: its config, less the ``ADDED_LATER`` fields at their default."""
+    """A stage section's part of its key: its config, less the ``ADDED_LATER`` fields (and the
+    ``TRAIN_ADDED_LATER`` fields of its ``train``) at their default."""
     dumped = section.model_dump(mode="json")
     for name, at_default in ADDED_LATER.items():
         if name in dumped and at_default(section):
             del dumped[name]
+    train = dumped.get("train")
+    for name, default in TRAIN_ADDED_LATER.items():
+        if isinstance(train, dict) and name in train and train[name] == default:
+            del train[name]
     return dumped
 
 

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from alignshield.config import MethodParams, ModelConfig, TrainSettings
 from alignshield.data.collate import IGNORE_INDEX, PadCollator, Tokenized
-from alignshield.models.layers import DecoderLayout, cache_argument, discover, prefix_cache
+from alignshield.models.layers import DecoderLayout, cache_argument, discover, find_decoder_layers, prefix_cache, unwrapped
 from alignshield.seeding import generator
 
 log = logging.getLogger(__name__)
@@ -237,6 +237,10 @@ class Trainer:
     """Whether ``compute_loss`` may compute a batch's common prefix once (``train.share_prefix``). A
     method that reads per-row activations of the prompt (Vaccine's perturbation of every position,
     LDIFS's features) sets False."""
+    compiles = True
+    """Whether ``train.compile`` may compile the decoder layers. A method that hooks, freezes or reads
+    the inside of a layer during training (Vaccine's perturbation, T-Vaccine's layer draws, LDIFS's
+    features, Surgery's attention weights, ...) sets False and trains eagerly."""
     ddp_find_unused_parameters = True
     """DDP: look for parameters without a gradient each step (one walk of the autograd graph). True
     by default because a method may freeze parameters after the model is wrapped (T-Vaccine); a
@@ -340,7 +344,8 @@ class Trainer:
 
     def _can_share_prefix(self, model: torch.nn.Module) -> bool:
         """Prefix sharing is exact only without dropout (one mask would serve every row), without
-        activation checkpointing (the replay would write the cache twice) and in one process. It stays
+        activation checkpointing (the replay would write the cache twice) and in one process; it is
+        off with ``train.compile`` (compiled layers and the prefix cache do not mix). It stays
         off for float64 models, which exist to check the math to float64 precision: sharing changes
         the logits in their last bits, and the float32 cross-entropy (transformers') would show it."""
         config = getattr(model, "config", None)
@@ -349,8 +354,11 @@ class Trainer:
         dropout = any(r > 0 for r in rates) or any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
         checkpointing = bool(getattr(model, "is_gradient_checkpointing", False))
         float64 = any(p.dtype == torch.float64 for p in model.parameters())
+        # compiled layers: the prefix cache makes every layer a new graph (a recompile per layer index,
+        # then eager for all); measured, compiling pays more than sharing (benchmarks/throughput.py)
+        compiled = self.args.compile and self.compiles
         return (self.args.share_prefix and self.shares_prefix and not dropout and not checkpointing
-                and not float64 and self.accelerator.num_processes == 1)
+                and not float64 and not compiled and self.accelerator.num_processes == 1)
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         if self.args.optimizer == "sgd":
@@ -405,8 +413,29 @@ class Trainer:
                 del model.forward
 
     def train(self) -> dict[str, Any]:
-        with self.autocast_forward():
+        with self.autocast_forward(), self.compiled_layers():
             return self._train()
+
+    @contextlib.contextmanager
+    def compiled_layers(self):
+        """With ``train.compile``, every decoder layer runs compiled (``nn.Module.compile``: inductor,
+        dynamic shapes) while training; eager again afterwards, so generation and the other stages
+        never see a compiled layer."""
+        if not self.args.compile:
+            yield
+            return
+        if not self.compiles:
+            log.info("train.compile: %s trains eagerly (it reaches inside the layers)", type(self).__name__)
+            yield
+            return
+        _, layers = find_decoder_layers(unwrapped(self.model))
+        for layer in layers:
+            layer.compile(dynamic=True)
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer._compiled_call_impl = None  # what nn.Module.compile set: back to the eager forward
 
     def _train(self) -> dict[str, Any]:
         self._resume()

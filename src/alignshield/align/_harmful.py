@@ -34,6 +34,7 @@ class HarmfulBatches(Trainer):
     """A Trainer that draws harmful batches (``align.data.harmful``) of the training batch size."""
 
     method_name = "this method"
+    compiles = False  # RepNoise / Booster / TAR read or perturb inside the layers
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

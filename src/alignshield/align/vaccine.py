@@ -50,6 +50,7 @@ def scale_to_norm(tensors: list[torch.Tensor], rho: float) -> list[torch.Tensor]
 class VaccineTrainer(Trainer):
     Params = VaccineParams
     shares_prefix = False  # the perturbation differs per row at every position
+    compiles = False  # hooks on every attention output, added and removed each step
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -70,6 +70,7 @@ def reference_terms(features: list[torch.Tensor], reference: list[torch.Tensor],
 class LDIFSTrainer(Trainer):
     Params = LDIFSParams
     shares_prefix = False  # the feature distance reads every row's positions
+    compiles = False  # reads every layer's features
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

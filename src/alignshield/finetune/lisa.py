@@ -46,6 +46,7 @@ class LisaParams(MethodParams):
 @FINETUNE_METHODS.register("lisa")
 class LisaTrainer(Trainer):
     Params = LisaParams
+    compiles = False  # switches between alignment and fine-tune data and adapters mid-run
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
