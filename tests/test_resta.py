@@ -211,3 +211,10 @@ def test_end_to_end(make_cfg):
     report = json.loads((stages.stage_dirs(cfg)["repair"] / "stage.json").read_text())["report"]
     assert report["n_edited"] == report["n_modules"] == 4 and "harmful_score/keyword" in metrics
     assert set(report["kept_fraction"]) == set(report["edited"])
+
+
+def test_params_at_their_defaults_round_trip():
+    """A resolved config (a sweep's) dumps every field, defaults included: that must validate again."""
+    from alignshield.repair.resta import RestaParams
+
+    assert RestaParams(**RestaParams().model_dump()) == RestaParams()

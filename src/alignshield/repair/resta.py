@@ -91,7 +91,8 @@ class RestaParams(MethodParams):
 
     @model_validator(mode="after")
     def _dare_options_need_a_drop(self):
-        idle = sorted({"drop_on", "rescale"} & self.model_fields_set)
+        # values, not fields set: a resolved config round-trips every field at its default
+        idle = [name for name, default in (("drop_on", "finetune"), ("rescale", True)) if getattr(self, name) != default]
         if self.drop_rate == 0 and idle:
             raise ValueError(f"{', '.join(idle)} only act with drop_rate > 0 (DARE); set drop_rate or drop them")
         return self
