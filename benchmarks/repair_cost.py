@@ -415,12 +415,8 @@ def main(argv: list[str] | None = None) -> int:
         st = _run_worker("stability", spec, args.threads) if args.stability else None
 
     ratio = rp["repair_seconds"] / ft["finetune_seconds"]
-    if args.method == "safedelta":
-        return _report_safedelta(args, ft, rp, ratio, model_label, t_start)
-    if args.method == "oneshot-patch":
-        return _report_oneshot(args, ft, rp, ratio, model_label, t_start)
-    if args.method == "resta":
-        return _report_resta(args, ft, rp, ratio, model_label, t_start)
+    if args.method in METHOD_REPORTS:
+        return _report_method(args, ft, rp, ratio, model_label, t_start)
     # n_calibration that would meet the goal, assuming the repair time is linear in the calibration tokens
     n_goal = int(rp["n_calibration"] * GOAL / ratio)
     rows = [
@@ -466,78 +462,48 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _report_safedelta(args, ft: dict, rp: dict, ratio: float, model_label: str, t_start: float) -> int:
-    rows = [
-        ("model", model_label),
-        ("threads", ft["threads"]),
-        ("fine-tune: s/step (timed steps, after 1 warm-up)", f"{ft['seconds_per_step']:.3f} ({ft['measured_steps']})"),
-        ("fine-tune: preset steps -> seconds", f"{ft['preset_steps']} -> {ft['finetune_seconds']:.1f}"),
-        ("fine-tune: RSS before / peak (MB)", f"{ft['rss_before_mb']:.0f} / {ft['peak_rss_mb']:.0f}"),
+# The other repairs' own rows and JSON keys, beside the common ones (``_report_method``).
+METHOD_REPORTS = {
+    "safedelta": ("Safe Delta", lambda rp: [
         ("repair: safety examples, scale", f"{rp['n_calibration']}, {rp['scale']}"),
-        ("repair: seconds", f"{rp['repair_seconds']:.1f}"),
         ("repair: weights taking the update / all", f"{rp['taken_fraction']:.4f} of {rp['weights']}"),
-        ("repair: RSS before / peak (MB)", f"{rp['rss_before_mb']:.0f} / {rp['peak_rss_mb']:.0f}"),
-        ("repair / fine-tune time", f"{ratio:.3f}"),
-    ]
-    width = max(len(k) for k, _ in rows)
-    print(f"Safe Delta repair cost ({'quick' if args.quick else 'full'}; wall time {time.time() - t_start:.0f} s)")
-    for key, value in rows:
-        print(f"  {key:<{width}}  {value}")
-    print(json.dumps({
-        "method": "safedelta", "model": "tiny" if args.tiny else "embedded", "quick": args.quick,
-        "threads": ft["threads"], "finetune_seconds": round(ft["finetune_seconds"], 2),
-        "repair_seconds": round(rp["repair_seconds"], 2), "n_safety": rp["n_calibration"],
-        "repair_peak_rss_mb": round(rp["peak_rss_mb"], 1), "finetune_peak_rss_mb": round(ft["peak_rss_mb"], 1),
-        "repair_over_finetune_time": round(ratio, 4)}))
-    return 0
-
-
-def _report_oneshot(args, ft: dict, rp: dict, ratio: float, model_label: str, t_start: float) -> int:
-    rows = [
-        ("model", model_label),
-        ("threads", ft["threads"]),
-        ("fine-tune: s/step (timed steps, after 1 warm-up)", f"{ft['seconds_per_step']:.3f} ({ft['measured_steps']})"),
-        ("fine-tune: preset steps -> seconds", f"{ft['preset_steps']} -> {ft['finetune_seconds']:.1f}"),
-        ("fine-tune: RSS before / peak (MB)", f"{ft['rss_before_mb']:.0f} / {ft['peak_rss_mb']:.0f}"),
+    ], lambda rp: {"n_safety": rp["n_calibration"]}),
+    "oneshot-patch": ("oneshot-patch", lambda rp: [
         ("repair: steps on the one pair (answer tokens), lr", f"{rp['steps']} ({rp['answer_tokens']}), {rp['learning_rate']}"),
         ("repair: the pair's loss before -> after", f"{rp['loss_before']:.4f} -> {rp['loss_after']:.4f}"),
-        ("repair: seconds", f"{rp['repair_seconds']:.2f}"),
-        ("repair: RSS before / peak (MB)", f"{rp['rss_before_mb']:.0f} / {rp['peak_rss_mb']:.0f}"),
-        ("repair / fine-tune time", f"{ratio:.3f}"),
-    ]
-    width = max(len(k) for k, _ in rows)
-    print(f"oneshot-patch repair cost ({'quick' if args.quick else 'full'}; wall time {time.time() - t_start:.0f} s)")
-    for key, value in rows:
-        print(f"  {key:<{width}}  {value}")
-    print(json.dumps({
-        "method": "oneshot-patch", "model": "tiny" if args.tiny else "embedded", "quick": args.quick,
-        "threads": ft["threads"], "finetune_seconds": round(ft["finetune_seconds"], 2),
-        "repair_seconds": round(rp["repair_seconds"], 2), "steps": rp["steps"],
-        "loss_before": rp["loss_before"], "loss_after": rp["loss_after"],
-        "repair_peak_rss_mb": round(rp["peak_rss_mb"], 1), "finetune_peak_rss_mb": round(ft["peak_rss_mb"], 1),
-        "repair_over_finetune_time": round(ratio, 4)}))
-def _report_resta(args, ft: dict, rp: dict, ratio: float, model_label: str, t_start: float) -> int:
+    ], lambda rp: {"steps": rp["steps"], "loss_before": rp["loss_before"], "loss_after": rp["loss_after"]}),
+    "resta": ("RESTA", lambda rp: [
+        ("repair: scale, drop_rate", f"{rp['scale']}, {rp['drop_rate']}"),
+        ("repair: modules edited, stored ranks", f"{rp['n_edited']}, {rp['stored_ranks']}"),
+    ], lambda rp: {"drop_rate": rp["drop_rate"]}),
+}
+
+
+def _report_method(args, ft: dict, rp: dict, ratio: float, model_label: str, t_start: float) -> int:
+    """The report of a repair other than Antidote: the common rows, the method's own, one JSON line."""
+    title, own_rows, own_keys = METHOD_REPORTS[args.method]
     rows = [
         ("model", model_label),
         ("threads", ft["threads"]),
+        ("fine-tune: s/step (timed steps, after 1 warm-up)", f"{ft['seconds_per_step']:.3f} ({ft['measured_steps']})"),
         ("fine-tune: preset steps -> seconds", f"{ft['preset_steps']} -> {ft['finetune_seconds']:.1f}"),
-        ("repair: scale, drop_rate", f"{rp['scale']}, {rp['drop_rate']}"),
-        ("repair: modules edited, stored ranks", f"{rp['n_edited']}, {rp['stored_ranks']}"),
+        ("fine-tune: RSS before / peak (MB)", f"{ft['rss_before_mb']:.0f} / {ft['peak_rss_mb']:.0f}"),
+        *own_rows(rp),
         ("repair: seconds", f"{rp['repair_seconds']:.2f}"),
         ("repair: RSS before / peak (MB)", f"{rp['rss_before_mb']:.0f} / {rp['peak_rss_mb']:.0f}"),
         ("repair / fine-tune time", f"{ratio:.4f}"),
     ]
     width = max(len(k) for k, _ in rows)
-    print(f"RESTA repair cost (wall time {time.time() - t_start:.0f} s)")
+    print(f"{title} repair cost ({'quick' if args.quick else 'full'}; wall time {time.time() - t_start:.0f} s)")
     for key, value in rows:
         print(f"  {key:<{width}}  {value}")
     print(json.dumps({
-        "method": "resta", "model": "tiny" if args.tiny else "embedded", "threads": ft["threads"],
-        "finetune_seconds": round(ft["finetune_seconds"], 2), "repair_seconds": round(rp["repair_seconds"], 3),
-        "drop_rate": rp["drop_rate"], "repair_peak_rss_mb": round(rp["peak_rss_mb"], 1),
-        "finetune_peak_rss_mb": round(ft["peak_rss_mb"], 1), "repair_over_finetune_time": round(ratio, 5)}))
+        "method": args.method, "model": "tiny" if args.tiny else "embedded", "quick": args.quick,
+        "threads": ft["threads"], "finetune_seconds": round(ft["finetune_seconds"], 2),
+        "repair_seconds": round(rp["repair_seconds"], 3), **own_keys(rp),
+        "repair_peak_rss_mb": round(rp["peak_rss_mb"], 1), "finetune_peak_rss_mb": round(ft["peak_rss_mb"], 1),
+        "repair_over_finetune_time": round(ratio, 5)}))
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
