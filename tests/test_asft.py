@@ -108,12 +108,6 @@ def test_bad_configs_fail_before_any_compute(make_cfg, extra, message, monkeypat
         stages.run(make_cfg("finetune.method=asft", *extra))
 
 
-def test_safelora_without_an_alignment_lora_fails_before_any_compute(make_cfg, monkeypatch):
-    monkeypatch.setattr(stages, "_train", lambda *a, **k: pytest.fail("trained"))
-    with pytest.raises(ConfigError, match="repair.method=safelora reads the alignment LoRA"):
-        stages.run(make_cfg("align.method=none", "repair.method=safelora"))
-
-
 def test_end_to_end(make_cfg):
     cfg = make_cfg("finetune.method=asft")
     metrics = stages.run(cfg)

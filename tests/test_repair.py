@@ -548,3 +548,52 @@ def test_antidote_preset_uses_the_reference_max_length():
     assert (a.align.train.max_length, a.finetune.train.max_length) == (2048, 2048)
     params = stages.resolve(a).repair.params
     assert (params["targets"], params["rounding"], params["alpha"]) == ("adapter", "reference", 0.1)
+
+
+# Every repair's bad settings: config errors naming the field, raised when the params resolve.
+BAD_PARAMS = [
+    ("safedelta", "repair.params.scale=-1", "repair.params.scale"),
+    ("safedelta", "repair.params.exclude_fraction=1", "repair.params.exclude_fraction"),
+    ("safedelta", "repair.params.s=0.1", "repair.params.s: unknown key"),
+    ("safemerge", "repair.params.weights=[0.8,-0.2]", "both weights must be >= 0"),
+    ("safemerge", "repair.params.threshold=2", "repair.params.threshold"),
+    ("safemerge", "repair.params.weighting=[0.8,0.2]", "repair.params.weighting: unknown key"),
+    ("resta", "repair.params.drop_rate=1", "repair.params.drop_rate"),
+    ("resta", "repair.params.drop_rate=-0.1", "repair.params.drop_rate"),
+    ("resta", "repair.params.scale=-1", "repair.params.scale"),
+    ("resta", "repair.params.scale=inf", "repair.params.scale"),
+    ("resta", "repair.params.drop_on=both", "repair.params.drop_on"),
+    ("resta", "repair.params.rescale=false", "rescale only act with drop_rate > 0"),
+    ("resta", "repair.params.drop_on=safety", "drop_on only act with drop_rate > 0"),
+    ("resta", "repair.params.beta=0.5", "repair.params.beta: unknown key"),
+    ("oneshot-patch", "repair.params.epochs=0", "repair.params.epochs"),
+    ("oneshot-patch", "repair.params.epochs=1.5", "repair.params.epochs"),
+    ("oneshot-patch", "repair.params.learning_rate=0", "repair.params.learning_rate"),
+    ("oneshot-patch", "repair.params.learning_rate=-1e-5", "repair.params.learning_rate"),
+    ("oneshot-patch", "repair.params.optimizer=adam", "repair.params.optimizer"),
+    ("oneshot-patch", "repair.params.max_grad_norm=0", "repair.params.max_grad_norm"),
+    ("oneshot-patch", "repair.params.prompt=", "repair.params.prompt"),
+    ("oneshot-patch", "repair.params.lr=1e-4", "repair.params.lr: unknown key"),
+]
+
+
+@pytest.mark.parametrize("method, override, message", BAD_PARAMS)
+def test_bad_repair_params_are_config_errors(method, override, message):
+    from alignshield.config import load_config
+
+    cfg = load_config(overrides=[f"repair.method={method}", override])
+    with pytest.raises(ConfigError, match=message):
+        cfg.repair.resolved_params(REPAIR_METHODS)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("align.method=none", "repair.method=safelora"), "repair.method=safelora reads the alignment LoRA"),
+    (("align.method=none", "repair.method=safemerge"), "repair.method=safemerge reads the alignment LoRA"),
+    (("align.method=none", "repair.method=resta"), "repair.method=resta reads the alignment LoRA"),
+    (("finetune.topology=single-lora", "repair.method=safedelta"), "repair.method=safedelta compares the fine-tuned"),
+    (("repair.method=oneshot-patch", "repair.params.epochs=0"), "repair.params.epochs"),
+])
+def test_bad_repair_configs_fail_before_any_compute(make_cfg, extra, message, monkeypatch):
+    monkeypatch.setattr(stages, "_train", lambda *a, **k: pytest.fail("trained"))
+    with pytest.raises(ConfigError, match=message):
+        stages.run(make_cfg(*extra))

@@ -8,8 +8,6 @@ import pytest
 import torch
 
 from alignshield import stages
-from alignshield.config import ConfigError, load_config
-from alignshield.repair import REPAIR_METHODS
 from alignshield.repair.safemerge import SafeMERGE, SafeMERGEParams
 from conftest import make_model
 
@@ -80,23 +78,6 @@ def test_a_rank_mismatch_is_an_error_naming_the_fix(tmp_path):
     with pytest.raises(ValueError, match="finetune.lora.r equal to align.lora.r"):
         SafeMERGE().repair(_lora_model(1, r=4, alpha=8), [], SafeMERGEParams(threshold=1.0), seed=0,
                            align_adapter=tmp_path / "align")
-
-
-@pytest.mark.parametrize("override, message", [
-    ("repair.params.weights=[0.8,-0.2]", "both weights must be >= 0"),
-    ("repair.params.threshold=2", "repair.params.threshold"),
-    ("repair.params.weighting=[0.8,0.2]", "repair.params.weighting: unknown key"),
-])
-def test_bad_params_are_config_errors(override, message):
-    cfg = load_config(overrides=["repair.method=safemerge", override])
-    with pytest.raises(ConfigError, match=message):
-        cfg.repair.resolved_params(REPAIR_METHODS)
-
-
-def test_without_an_alignment_lora_it_fails_before_any_compute(make_cfg, monkeypatch):
-    monkeypatch.setattr(stages, "_train", lambda *a, **k: pytest.fail("trained"))
-    with pytest.raises(ConfigError, match="repair.method=safemerge reads the alignment LoRA"):
-        stages.run(make_cfg("align.method=none", "repair.method=safemerge"))
 
 
 def test_end_to_end(make_cfg):
