@@ -32,8 +32,8 @@ projections, as the embedded default trains it):
   (``evaluate.max_new_tokens``) and twice as many SST-2 test prompts, as the default runs them (shared
   prefixes, ``evaluate.batch_size``) and as the baseline (batch 32, no sharing); harmful-prompt tokens
   per second (up to and including the end token) and ``generate_speedup_vs_baseline``.
-* ``--compile``: a third variant, the optimized one with ``train.compile`` (every decoder layer
-  compiled), timed on the same windows, interleaved; ``compile.speedup_vs_optimized`` and the
+* ``--compile layers|mlp``: a third variant, the optimized one with that ``train.compile`` (whole
+  decoder layers, without prefix sharing; or their MLP and norms, with it), timed on the same windows, interleaved; ``compile.speedup_vs_optimized`` and the
   first compile's seconds (``compile.warmup_s``: a minute or more on a machine's first compile,
   seconds once inductor's on-disk cache holds it).
 * ``--contention``: fine-tune steps in a subprocess while another process keeps one core busy, with
@@ -92,10 +92,10 @@ BASELINE_ATTENTION = "sdpa"  # transformers' default, before alignshield chose t
 
 
 def time_training(model, initial: dict, data: list, optimized: bool, seed: int, attention: str,
-                  compile_layers: bool = False) -> dict:
+                  compile: str = "none") -> dict:
     """Train ``data`` once (one window, batch 8) from the same initial LoRA; seconds and token counts.
     ``attention``: the optimized variant's kernel (the baseline uses ``BASELINE_ATTENTION``);
-    ``compile_layers``: also ``train.compile`` (the ``compiled`` variant)."""
+    ``compile``: its ``train.compile`` (the ``compiled`` variant)."""
     import torch
 
     from alignshield.config import ModelConfig, TrainSettings
@@ -109,7 +109,7 @@ def time_training(model, initial: dict, data: list, optimized: bool, seed: int, 
     steps = len(data) // 8
     args = TrainSettings(learning_rate=1e-4, max_steps=steps, batch_size=8, max_length=128, checkpoint_every=10**6,
                          group_by_length=optimized, sparse_logits=optimized, share_prefix=optimized,
-                         compile=compile_layers)
+                         compile=compile)
     with tempfile.TemporaryDirectory() as work:
         # the baseline's LoRA computes in float32 beside a bf16 base (PEFT's default), ours autocasts
         precision = ModelConfig(adapter_compute="auto" if optimized else "float32")
@@ -225,8 +225,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=None, help="repeat both variants, interleaved (2; 1 with --quick)")
     ap.add_argument("--prompts", type=int, default=None, help="harmful prompts to answer (32; 16 with --quick)")
     ap.add_argument("--contention", action="store_true", help="also time steps beside a busy process")
-    ap.add_argument("--compile", action="store_true",
-                    help="also time a third variant, the optimized one with train.compile, interleaved with the others")
+    ap.add_argument("--compile", choices=["layers", "mlp"], default=None,
+                    help="also time a third variant, the optimized one with this train.compile, interleaved")
     ap.add_argument("--worker-steps", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker_steps:
@@ -259,7 +259,7 @@ def main() -> None:
     compile_warmup_s = None
     if args.compile:  # the first compile (inductor; on-disk cache after the first on a machine) is timed apart
         t_compile = time.perf_counter()
-        time_training(model, initial, data["align"][:8], True, 0, attention, compile_layers=True)
+        time_training(model, initial, data["align"][:8], True, 0, attention, compile=args.compile)
         compile_warmup_s = round(time.perf_counter() - t_compile, 1)
         variants.insert(1, "compiled")
 
@@ -269,7 +269,7 @@ def main() -> None:
             window = data[stage][8 * (1 + r * steps): 8 * (1 + (r + 1) * steps)]
             for variant in (variants[::-1] if r % 2 else variants):
                 runs[stage, variant].append(time_training(model, initial, window, variant != "baseline", r,
-                                                          attention, compile_layers=variant == "compiled"))
+                                                          attention, args.compile if variant == "compiled" else "none"))
 
     def total(stage, variant, key):
         return sum(x[key] for x in runs[stage, variant])
@@ -327,7 +327,7 @@ def main() -> None:
     }
     if args.compile:
         compiled_all = sum(total(s, "compiled", "seconds") for s in per_stage)
-        result["compile"] = {"warmup_s": compile_warmup_s, "speedup_vs_optimized": round(opt_all / compiled_all, 3),
+        result["compile"] = {"mode": args.compile, "warmup_s": compile_warmup_s, "speedup_vs_optimized": round(opt_all / compiled_all, 3),
                              "speedup_vs_baseline": round(base_all / compiled_all, 3),
                              "train_fraction_of_roofline": round(achieved * opt_all / compiled_all / roof[dtype], 3)}
     if args.contention:
@@ -347,7 +347,7 @@ def main() -> None:
           f"speed-up vs baseline {result['speedup_vs_baseline']:.2f}x")
     if args.compile:
         c = result["compile"]
-        print(f"train.compile: {c['speedup_vs_optimized']:.2f}x the optimized steps ({c['speedup_vs_baseline']:.2f}x the "
+        print(f"train.compile={c['mode']}: {c['speedup_vs_optimized']:.2f}x the optimized steps ({c['speedup_vs_baseline']:.2f}x the "
               f"baseline, {c['train_fraction_of_roofline']:.0%} of the roofline); first compile {c['warmup_s']} s")
     print(f"evaluation generation: {gen['optimized']['seconds']} s vs baseline {gen['baseline']['seconds']} s "
           f"({result['generate_speedup_vs_baseline']:.2f}x); {result['generate_tokens_per_s']} tokens/s on the "

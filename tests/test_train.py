@@ -88,11 +88,22 @@ def _count_compiles(monkeypatch):
 
 def test_compile_compiles_every_decoder_layer_only_while_training(tokenizer, tmp_path, monkeypatch):
     compiled = _count_compiles(monkeypatch)
-    trainer = _trainer(tokenizer, tmp_path, steps=2, compile=True)
+    trainer = _trainer(tokenizer, tmp_path, steps=2, compile="layers")
     layers = trainer.unwrapped_model().get_base_model().model.layers
     trainer.train()
     assert [m for m, _ in compiled] == list(layers) and all(kw == {"dynamic": True} for _, kw in compiled)
     assert all(layer._compiled_call_impl is None for layer in layers)  # eager again after training
+
+
+def test_compile_mlp_compiles_the_mlp_and_norms_and_keeps_prefix_sharing(tokenizer, tmp_path, monkeypatch):
+    compiled = _count_compiles(monkeypatch)
+    trainer = _trainer(tokenizer, tmp_path, steps=2, compile="mlp")
+    layers = trainer.unwrapped_model().get_base_model().model.layers
+    assert trainer.share_prefix
+    trainer.train()
+    expected = [m for layer in layers for m in (layer.mlp, layer.input_layernorm, layer.post_attention_layernorm)]
+    assert {id(m) for m, _ in compiled} == {id(m) for m in expected} and len(compiled) == len(expected)
+    assert all(m._compiled_call_impl is None for m in expected)
 
 
 def test_compile_is_off_by_default_and_for_methods_that_reach_inside_layers(tokenizer, tmp_path, monkeypatch):
@@ -114,7 +125,7 @@ def test_compiled_training_matches_eager(tokenizer, tmp_path):
     eager = _trainer(tokenizer, tmp_path / "eager", steps=3)
     eager.train()
     torch.manual_seed(0)
-    compiled = _trainer(tokenizer, tmp_path / "compiled", steps=3, compile=True)
+    compiled = _trainer(tokenizer, tmp_path / "compiled", steps=3, compile="layers")
     compiled.train()
     a, b = ([h["loss"] for h in t.history] for t in (eager, compiled))
     assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
@@ -132,13 +143,13 @@ def test_compile_off_keeps_the_stage_keys_and_on_changes_them(tmp_path):
     assert "compile" not in stages._key(cfg().align)["train"]  # keys computed before the field existed hold
     assert "compile" not in stages._key(cfg().finetune)["train"]
     base = stages.stage_dirs(cfg())
-    assert stages.stage_dirs(cfg("align.train.compile=false", "finetune.train.compile=false")) == base
-    on = stages.stage_dirs(cfg("align.train.compile=true"))
+    assert stages.stage_dirs(cfg("align.train.compile=none", "finetune.train.compile=none")) == base
+    on = stages.stage_dirs(cfg("align.train.compile=layers"))
     assert on["align"] != base["align"] and on["finetune"] != base["finetune"]  # rounding differs: its own folder
-    assert stages.stage_dirs(cfg("finetune.train.compile=true"))["align"] == base["align"]
+    assert stages.stage_dirs(cfg("finetune.train.compile=mlp"))["align"] == base["align"]
 
 
-def test_compile_turns_prefix_sharing_off(tokenizer, tmp_path, monkeypatch):
+def test_compile_layers_turns_prefix_sharing_off(tokenizer, tmp_path, monkeypatch):
     _count_compiles(monkeypatch)
     assert _trainer(tokenizer, tmp_path / "a", steps=1).share_prefix
-    assert not _trainer(tokenizer, tmp_path / "b", steps=1, compile=True).share_prefix
+    assert not _trainer(tokenizer, tmp_path / "b", steps=1, compile="layers").share_prefix

@@ -123,13 +123,14 @@ class TrainSettings(Strict):
     a task's shared instruction) once per batch instead of once per example: the same loss and
     gradients, less compute. Off by itself for methods that perturb or read every position (Vaccine,
     T-Vaccine, LDIFS), with dropout, activation checkpointing or several processes."""
-    compile: bool = False
-    """Compile each decoder layer with ``torch.compile`` (inductor, dynamic shapes), which fuses the
-    layer's element-wise work (norms, rotary, activations, residual adds, casts) into a few kernels.
-    The first compile on a machine takes a minute or more (a C++ compiler is needed on a CPU); later
-    runs read inductor's on-disk cache. Numerics change at rounding level, as with a thread count.
-    It turns ``share_prefix`` off (the prefix cache would make every layer a new graph). Methods that
-    hook or freeze layers during training (Vaccine, T-Vaccine, ...) run eagerly."""
+    compile: Literal["none", "layers", "mlp"] = "none"
+    """Compile parts of every decoder layer with ``torch.compile`` (inductor, dynamic shapes) while
+    training, which fuses their element-wise work (norms, activations, LoRA adds, casts) into a few
+    kernels. ``layers``: whole layers, with ``share_prefix`` off (a prefix cache would make every layer
+    a new graph); ``mlp``: the MLP and the two norms only, so ``share_prefix`` keeps working. The first
+    compile on a machine takes a minute or more (a C++ compiler is needed on a CPU); later ones read
+    inductor's on-disk cache. Numerics change at rounding level, as with a thread count. Methods that
+    hook, freeze or read the inside of layers (Vaccine, T-Vaccine, ...) train eagerly."""
 
 
 class AlignTrain(TrainSettings):

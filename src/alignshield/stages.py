@@ -127,9 +127,9 @@ a float32 model can be). So the
 folders computed before the fields existed stay valid, and equal runs keep one folder."""
 
 
-TRAIN_ADDED_LATER = {"compile": False}
+TRAIN_ADDED_LATER = {"compile": "none"}
 """Fields of a stage's ``train`` settings added after stages were computed, and the value at which
-they leave the key (``train.compile`` off: every run trained eagerly before it existed)."""
+they leave the key (``train.compile=none``: every run trained eagerly before it existed)."""
 
 
 def _key(section) -> dict[str, Any]:

@@ -345,7 +345,7 @@ class Trainer:
     def _can_share_prefix(self, model: torch.nn.Module) -> bool:
         """Prefix sharing is exact only without dropout (one mask would serve every row), without
         activation checkpointing (the replay would write the cache twice) and in one process; it is
-        off with ``train.compile`` (compiled layers and the prefix cache do not mix). It stays
+        off with ``train.compile=layers`` (compiled layers and the prefix cache do not mix). It stays
         off for float64 models, which exist to check the math to float64 precision: sharing changes
         the logits in their last bits, and the float32 cross-entropy (transformers') would show it."""
         config = getattr(model, "config", None)
@@ -356,7 +356,7 @@ class Trainer:
         float64 = any(p.dtype == torch.float64 for p in model.parameters())
         # compiled layers: the prefix cache makes every layer a new graph (a recompile per layer index,
         # then eager for all); measured, compiling pays more than sharing (benchmarks/throughput.py)
-        compiled = self.args.compile and self.compiles
+        compiled = self.args.compile == "layers" and self.compiles
         return (self.args.share_prefix and self.shares_prefix and not dropout and not checkpointing
                 and not float64 and not compiled and self.accelerator.num_processes == 1)
 
@@ -418,10 +418,10 @@ class Trainer:
 
     @contextlib.contextmanager
     def compiled_layers(self):
-        """With ``train.compile``, every decoder layer runs compiled (``nn.Module.compile``: inductor,
-        dynamic shapes) while training; eager again afterwards, so generation and the other stages
-        never see a compiled layer."""
-        if not self.args.compile:
+        """With ``train.compile``, every decoder layer (``layers``) or its MLP and norms (``mlp``) runs
+        compiled (``nn.Module.compile``: inductor, dynamic shapes) while training; eager again
+        afterwards, so generation and the other stages never see a compiled module."""
+        if self.args.compile == "none":
             yield
             return
         if not self.compiles:
@@ -429,13 +429,15 @@ class Trainer:
             yield
             return
         _, layers = find_decoder_layers(unwrapped(self.model))
-        for layer in layers:
-            layer.compile(dynamic=True)
+        modules = list(layers) if self.args.compile == "layers" else [
+            m for layer in layers for name, m in layer.named_children() if name == "mlp" or name.endswith("norm")]
+        for module in modules:
+            module.compile(dynamic=True)
         try:
             yield
         finally:
-            for layer in layers:
-                layer._compiled_call_impl = None  # what nn.Module.compile set: back to the eager forward
+            for module in modules:
+                module._compiled_call_impl = None  # what nn.Module.compile set: back to the eager forward
 
     def _train(self) -> dict[str, Any]:
         self._resume()
