@@ -196,12 +196,7 @@ def worker_repair_resta(cfg) -> dict:
     params = cfg.repair.resolved_params(REPAIR_METHODS)
     with tempfile.TemporaryDirectory() as tmp:
         align, _ = _load(cfg)
-        align = attach_lora(align, cfg.align.lora)
-        g = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for name, p in align.named_parameters():
-                if "lora_B" in name:
-                    p.copy_((torch.randn(p.shape, generator=g) * 0.01).to(p.dtype))
+        align = _random_lora_b(attach_lora(align, cfg.align.lora), seed=1)
         align.save_pretrained(Path(tmp) / "align")
         del align
         model, _ = _trained_looking_adapter(cfg)
@@ -216,18 +211,22 @@ def worker_repair_resta(cfg) -> dict:
 
 def _trained_looking_adapter(cfg):
     """The base with a fine-tune-shaped LoRA whose B is random (zero at init): costs do not depend on it."""
-    import torch
-
     from alignshield.models.lora import attach_lora
 
     model, tokenizer = _load(cfg)
-    model = attach_lora(model, cfg.finetune.lora)
-    g = torch.Generator().manual_seed(0)
+    return _random_lora_b(attach_lora(model, cfg.finetune.lora), seed=0), tokenizer
+
+
+def _random_lora_b(model, seed: int):
+    """Every lora_B of ``model`` set to 0.01 * N(0, 1) (zero at init: the update would be 0)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.copy_((torch.randn(p.shape, generator=g) * 0.01).to(p.dtype))
-    return model, tokenizer
+    return model
 
 
 def worker_repair(spec: dict) -> dict:

@@ -59,6 +59,22 @@ def make_model(family: str = "llama", layers: int = 2, seed: int = 0, dtype=torc
     return AutoModelForCausalLM.from_config(tiny_config(family, layers=layers), dtype=dtype, **extra)
 
 
+def random_lora_model(seed: int = 0, r: int = 4, alpha: int = 8, targets=("q_proj", "v_proj"), scale: float = 1.0,
+                      base_seed: int | None = None):
+    """A float64 tiny Llama (weights from ``base_seed``, default ``seed``) with a LoRA whose factors are
+    all random (``scale`` * N(0, 1), drawn from ``seed + 10``): an adapter as a trained one looks."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(make_model("llama", dtype=torch.float64, seed=seed if base_seed is None else base_seed),
+                           LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets)))
+    g = torch.Generator().manual_seed(seed + 10)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.copy_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return model
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return make_tokenizer()

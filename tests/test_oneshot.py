@@ -14,7 +14,7 @@ from alignshield.data.collate import IGNORE_INDEX, Tokenized, tokenize_pair
 from alignshield.data.pools import Example
 from alignshield.repair import REPAIR_METHODS, oneshot
 from alignshield.repair.oneshot import PAPER_PROMPT, PAPER_RESPONSE, OneShotParams, OneShotPatch
-from conftest import make_model
+from conftest import random_lora_model
 
 PAD = 0
 
@@ -22,15 +22,7 @@ PAD = 0
 def _lora_model(seed=0):
     """A float64 tiny Llama with a fine-tune LoRA of random (non-zero) factors, loaded frozen as the
     repair stage loads it (``is_trainable=False``)."""
-    from peft import LoraConfig, get_peft_model
-
-    model = get_peft_model(make_model("llama", dtype=torch.float64, seed=seed),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    g = torch.Generator().manual_seed(seed + 10)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_" in n:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    model = random_lora_model(seed, scale=0.1)
     for p in model.parameters():
         p.requires_grad_(False)
     return model

@@ -11,20 +11,11 @@ import torch
 from alignshield import stages
 from alignshield.repair.resta import Resta, RestaParams
 from alignshield.seeding import generator
-from conftest import make_model
+from conftest import make_model, random_lora_model
 
 
 def _lora_model(seed, r, alpha, targets=("q_proj", "v_proj")):
-    from peft import LoraConfig, get_peft_model
-
-    model = get_peft_model(make_model("llama", dtype=torch.float64, seed=0),
-                           LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets)))
-    g = torch.Generator().manual_seed(seed + 10)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return model
+    return random_lora_model(seed, r, alpha, targets, base_seed=0)
 
 
 def _modules(model):

@@ -11,7 +11,7 @@ import torch
 from alignshield import stages
 from alignshield.data.collate import Tokenized
 from alignshield.repair.safedelta import SafeDelta, SafeDeltaParams, block_mask, safe_delta, upper_inverse_cholesky
-from conftest import make_model
+from conftest import random_lora_model
 
 
 def _spd(n, seed):
@@ -101,16 +101,7 @@ def test_the_extremes_keep_all_or_nothing_of_the_update():
 
 
 def _lora_model(seed=0):
-    from peft import LoraConfig, get_peft_model
-
-    model = get_peft_model(make_model("llama", dtype=torch.float64, seed=seed),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    g = torch.Generator().manual_seed(seed + 10)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_" in n:
-                p.copy_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return model
+    return random_lora_model(seed, scale=0.05)
 
 
 def test_the_repair_uses_the_aligned_models_inputs_and_stores_the_result_exactly():

@@ -5,24 +5,14 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from alignshield import stages
 from alignshield.repair.safemerge import SafeMERGE, SafeMERGEParams
-from conftest import make_model
+from conftest import random_lora_model
 
 
 def _lora_model(seed, r, alpha, targets=("q_proj", "v_proj", "up_proj")):
-    from peft import LoraConfig, get_peft_model
-
-    model = get_peft_model(make_model("llama", dtype=torch.float64, seed=seed),
-                           LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets)))
-    g = torch.Generator().manual_seed(seed + 10)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return model
+    return random_lora_model(seed, r, alpha, targets)
 
 
 def _factors(model):
