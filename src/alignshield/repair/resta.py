@@ -65,7 +65,7 @@ from pydantic import Field, model_validator
 from alignshield.config import MethodParams
 from alignshield.models.lora import LoraTarget, find_targets, lora_delta, store_dense_delta, store_factors
 from alignshield.repair import REPAIR_METHODS
-from alignshield.repair.safelora import alignment_lora
+from alignshield.repair.safelora import alignment_lora, require_alignment_lora
 from alignshield.seeding import generator
 
 DropOn = Literal["finetune", "safety"]
@@ -122,11 +122,7 @@ class Resta:
 
     def repair(self, model, calibration, params: RestaParams, *, seed: int, pad_token_id: int | None = None,
                align_adapter: Path | None = None, topology: str = "two-lora") -> dict[str, Any]:
-        has_alignment = align_adapter is not None and (Path(align_adapter) / "adapter_config.json").exists()
-        if topology != "two-lora" or not has_alignment:
-            raise ValueError("resta adds the alignment LoRA's delta (#1, the safety vector) to the fine-tune LoRA "
-                             "(#2): it needs finetune.topology=two-lora and an alignment that trains a LoRA")
-        scale1, safety = alignment_lora(Path(align_adapter))
+        scale1, safety = alignment_lora(require_alignment_lora("resta", align_adapter, topology))
         every, _ = find_targets(model, None)
         targets, _ = find_targets(model, params.target_modules)
         p, beta = params.drop_rate, params.scale

@@ -81,6 +81,18 @@ def alignment_deltas(adapter: Path) -> dict[str, torch.Tensor]:
     return {name: b @ a for name, (b, a) in alignment_factors(adapter).items()}
 
 
+def require_alignment_lora(method: str, align_adapter: Path | None, topology: str) -> Path:
+    """LoRA #1's folder for a repair that reads it beside the fine-tune LoRA (#2); a ValueError naming
+    what is missing when the topology is not two-lora or the alignment trained no LoRA."""
+    if topology != "two-lora":
+        raise ValueError(f"{method} reads the alignment LoRA (#1) beside the fine-tune LoRA (#2): "
+                         "it needs finetune.topology=two-lora")
+    if align_adapter is None or not (Path(align_adapter) / "adapter_config.json").exists():
+        raise ValueError(f"{method} reads the alignment LoRA (#1): it needs an alignment that trains a LoRA "
+                         "(align.method trained none)")
+    return Path(align_adapter)
+
+
 @REPAIR_METHODS.register("safelora")
 class SafeLoRA:
     Params = SafeLoRAParams
@@ -90,13 +102,7 @@ class SafeLoRA:
 
     def repair(self, model, calibration, params: SafeLoRAParams, *, seed: int, pad_token_id: int | None = None,
                align_adapter: Path | None = None, topology: str = "two-lora") -> dict[str, Any]:
-        if topology != "two-lora":
-            raise ValueError("safelora projects the fine-tune LoRA (#2) onto the alignment LoRA (#1): "
-                             "it needs finetune.topology=two-lora")
-        if align_adapter is None or not (Path(align_adapter) / "adapter_config.json").exists():
-            raise ValueError("safelora needs the alignment stage's LoRA adapter (the alignment subspace); "
-                             "align.method trained none")
-        deltas = alignment_deltas(Path(align_adapter))
+        deltas = alignment_deltas(require_alignment_lora("safelora", align_adapter, topology))
         targets, _ = find_targets(model, params.target_modules or [""])
         sims, skipped = {}, []
         for t in targets:

@@ -41,7 +41,8 @@ from pydantic import Field, field_validator
 from alignshield.config import MethodParams
 from alignshield.repair import REPAIR_METHODS
 from alignshield.repair.prune import find_targets
-from alignshield.repair.safelora import alignment_lora, alignment_matrix, projection_similarity
+from alignshield.repair.safelora import (alignment_lora, alignment_matrix, projection_similarity,
+                                        require_alignment_lora)
 
 
 class SafeMERGEParams(MethodParams):
@@ -78,11 +79,7 @@ class SafeMERGE:
 
     def repair(self, model, calibration, params: SafeMERGEParams, *, seed: int, pad_token_id: int | None = None,
                align_adapter: Path | None = None, topology: str = "two-lora") -> dict[str, Any]:
-        has_alignment = align_adapter is not None and (Path(align_adapter) / "adapter_config.json").exists()
-        if topology != "two-lora" or not has_alignment:
-            raise ValueError("safemerge merges the fine-tune LoRA (#2) with the alignment LoRA (#1): it needs "
-                             "finetune.topology=two-lora and an alignment that trains a LoRA")
-        scale1, safety = alignment_lora(Path(align_adapter))
+        scale1, safety = alignment_lora(require_alignment_lora("safemerge", align_adapter, topology))
         targets, _ = find_targets(model, params.target_modules or [""])
         sims, merged, kept_no_safety = {}, [], []
         with torch.no_grad():
