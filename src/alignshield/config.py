@@ -128,8 +128,8 @@ class TrainSettings(Strict):
     training, which fuses their element-wise work (norms, activations, LoRA adds, casts) into a few
     kernels. ``layers``: whole layers, with ``share_prefix`` off (a prefix cache would make every layer
     a new graph); ``mlp``: the MLP and the two norms only, so ``share_prefix`` keeps working. The first
-    compile on a machine takes a minute or more (a C++ compiler is needed on a CPU); later ones read
-    inductor's on-disk cache. Measured on a CPU: 1.5x faster steps in bfloat16, slower in float32
+    compile on a machine takes tens of seconds (about 40 s measured on a 2-core CPU, which needs a C++
+    compiler); later ones read inductor's on-disk cache. Measured on a CPU: 1.5x faster steps in bfloat16, slower in float32
     (docs/benchmarks.md). Numerics change at rounding level, as with a thread count. Methods that
     hook, freeze or read the inside of layers (Vaccine, T-Vaccine, ...) train eagerly."""
 

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from alignshield.config import MethodParams, ModelConfig, TrainSettings
 from alignshield.data.collate import IGNORE_INDEX, PadCollator, Tokenized
-from alignshield.models.layers import DecoderLayout, cache_argument, discover, find_decoder_layers, prefix_cache, unwrapped
+from alignshield.models.layers import DecoderLayout, cache_argument, discover, prefix_cache
 from alignshield.seeding import generator
 
 log = logging.getLogger(__name__)
@@ -428,7 +428,7 @@ class Trainer:
             log.info("train.compile: %s trains eagerly (it reaches inside the layers)", type(self).__name__)
             yield
             return
-        _, layers = find_decoder_layers(unwrapped(self.model))
+        layers = self.discover_layers().layers
         modules = list(layers) if self.args.compile == "layers" else [
             m for layer in layers for name, m in layer.named_children() if name == "mlp" or name.endswith("norm")]
         for module in modules:

@@ -60,8 +60,8 @@ class SurgeryTrainer(Trainer):
     uses_harmful = True
     """Gets ``align.data.harmful`` as extra data."""
     needs_attention_weights = True
-    compiles = False  # reads every head's attention weights
     """Needs the attention weights returned: model.attn_implementation=eager."""
+    compiles = False  # reads every head's attention weights
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
