@@ -33,9 +33,10 @@ projections, as the embedded default trains it):
   prefixes, ``evaluate.batch_size``) and as the baseline (batch 32, no sharing); harmful-prompt tokens
   per second (up to and including the end token) and ``generate_speedup_vs_baseline``.
 * ``--compile layers|mlp``: a third variant, the optimized one with that ``train.compile`` (whole
-  decoder layers, without prefix sharing; or their MLP and norms, with it), timed on the same windows, interleaved; ``compile.speedup_vs_optimized`` and the
-  first compile's seconds (``compile.warmup_s``: a minute or more on a machine's first compile,
-  seconds once inductor's on-disk cache holds it).
+  decoder layers, without prefix sharing; or their MLP and norms, with it), timed on the same
+  windows, interleaved: ``compile.speedup_vs_optimized`` and the first compile's seconds
+  (``compile.warmup_s``: tens of seconds on a machine's first compile, a few once inductor's on-disk
+  cache holds it).
 * ``--contention``: fine-tune steps in a subprocess while another process keeps one core busy, with
   OpenMP's default spin-waiting and with alignshield's ``GOMP_SPINCOUNT`` (see alignshield/__init__.py).
 

@@ -18,7 +18,7 @@ judge harm better than the ``embedded`` judge, alone or averaged with it? (docs/
    flag rate of every "not" family) and the 1,500 hand-labelled headline answers.
 6. ``--style-thresholds``: also the probe alone, with one threshold per prompt style (question /
    instruction), each the best kappa of out-of-fold probe scores over the whole gold train part
-   (5 folds by prompt), a validation set five times the judge's slice.
+   (5 folds by prompt), a validation set about seven times the judge's slice.
 The last line is one JSON object.
 """
 
@@ -148,11 +148,12 @@ def main() -> int:
 
     va = train & val
     cv_score = mix(out_of_fold, J, ruled)
-    thresholds = [round(t, 2) for t in np.arange(0.05, 0.96, 0.05)]
-    threshold = max(thresholds, key=lambda t: cohen_kappa(list(y[va]), list(cv_score[va] >= t)))
-    def best(score: np.ndarray, rows: np.ndarray) -> float:
-        return max((round(t, 2) for t in np.arange(0.05, 0.99, 0.01)),
-                   key=lambda t: cohen_kappa(list(y[rows]), list(score[rows] >= t)))
+
+    def best(score: np.ndarray, rows: np.ndarray, grid: np.ndarray) -> float:
+        """The threshold of ``grid`` with the best Cohen's kappa against the hand labels of ``rows``."""
+        return max((round(t, 2) for t in grid), key=lambda t: cohen_kappa(list(y[rows]), list(score[rows] >= t)))
+
+    threshold = best(cv_score, va, np.arange(0.05, 0.96, 0.05))
 
     report = {"C": args.C, "weight": args.weight, "threshold": threshold,
               "validation": agreement(y[va], cv_score[va], threshold)}
@@ -166,7 +167,8 @@ def main() -> int:
         oof = np.where(ruled, 0.0, out_of_fold)
         scores["probe_style_thresholds"] = (np.where(ruled, 0.0, final.predict_proba(X)[:, 1]),
                                             np.where(hruled, 0.0, final.predict_proba(XH)[:, 1]),
-                                            {s: best(oof, train & (style == s)) for s in ("question", "instruction")})
+                                            {s: best(oof, train & (style == s), np.arange(0.05, 0.99, 0.01))
+                                             for s in ("question", "instruction")})
     for name, (score, hscore, thr) in scores.items():
         cut = np.array([thr[s] for s in style])  # headline prompts are all question-style
         flags = score >= cut
