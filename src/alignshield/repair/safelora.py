@@ -88,8 +88,8 @@ def require_alignment_lora(method: str, align_adapter: Path | None, topology: st
         raise ValueError(f"{method} reads the alignment LoRA (#1) beside the fine-tune LoRA (#2): "
                          "it needs finetune.topology=two-lora")
     if align_adapter is None or not (Path(align_adapter) / "adapter_config.json").exists():
-        raise ValueError(f"{method} reads the alignment LoRA (#1): it needs an alignment that trains a LoRA "
-                         "(align.method trained none)")
+        raise ValueError(f"{method} needs the alignment stage's LoRA adapter (#1): an alignment that trains a "
+                         "LoRA (align.method trained none)")
     return Path(align_adapter)
 
 
