@@ -28,6 +28,11 @@ projections, as the embedded default trains it):
   backward, and the head (2 x hidden x vocab, forward and backward) at labelled positions only: the
   work a step must do. ``train_fraction_of_roofline`` = those FLOPs per second over the roofline of
   the dtype in use.
+* **shape roofline**: the same rate measured on the step's own matmuls, each at its shape (the
+  decoder's projections at the rows a step computes, their LoRA products, the head at the labelled
+  positions; forward and input gradient), timed alone: ``shape_roofline_gflops``, and
+  ``train_fraction_of_shape_roofline`` = training FLOP/s over it. Small products run far below the
+  1024^3 peak; this says how much of the gap is theirs and how much is everything else in a step.
 * **generation**: the evaluation's greedy answers to ``--prompts`` held-out harmful prompts
   (``evaluate.max_new_tokens``) and twice as many SST-2 test prompts, as the default runs them (shared
   prefixes, ``evaluate.batch_size``) and as the baseline (batch 32, no sharing); harmful-prompt tokens
@@ -87,6 +92,47 @@ def flops_per_token(model, seq_len: float) -> dict[str, float]:
     decoder = 2 * (base + lora) + 2 * (base + lora) + 2 * lora + 3 * attention
     head = 2 * cfg.hidden_size * cfg.vocab_size * 2  # forward + gradient w.r.t. the hidden states
     return {"decoder": decoder, "head": head}
+
+
+def shape_roofline(model, dtype: str, rows: int, labelled: int) -> dict:
+    """The matmul rate a training step's own products reach alone, each timed at its shape (best of a few).
+
+    ``rows``: tokens the decoder computes per step; ``labelled``: head positions per step. Every
+    decoder linear layer (in ``k`` -> out ``n``) runs (rows x k) @ (k x n) forward and (rows x n) @ (n x k)
+    for the input gradient; its LoRA (rank ``r``) adds two small products each way and the two weight
+    gradients; the head runs forward and input gradient at the labelled positions. The rate is their
+    total FLOPs over the sum of their times (attention's batched products, ~5 % of the FLOPs, are
+    left out), so ``train_gflops_per_s`` over it is how near the step runs to what its matmuls allow."""
+    import torch
+
+    from alignshield.models.hardware import matmul_gflops
+
+    shapes: dict[tuple[int, int, int], int] = {}  # (m, k, n) -> how many per step
+    for name, module in model.named_modules():
+        lora_a = getattr(module, "lora_A", None)  # a PEFT LoRA layer: its base_layer is the nn.Linear
+        plain = isinstance(module, torch.nn.Linear) and not any(s in name for s in ("lora_", "base_layer"))
+        if ".layers." not in name or not (lora_a or plain):
+            continue
+        base = module.base_layer if lora_a else module
+        k, n = base.in_features, base.out_features
+        r = next(iter(lora_a.values())).out_features if lora_a else 0
+        products = [(rows, k, n), (rows, n, k)]
+        if r:
+            products += [(rows, k, r), (rows, r, n), (rows, n, r), (rows, r, k), (k, rows, r), (r, rows, n)]
+        for shape in products:
+            shapes[shape] = shapes.get(shape, 0) + 1
+    cfg = model.config
+    for shape in ((labelled, cfg.hidden_size, cfg.vocab_size), (labelled, cfg.vocab_size, cfg.hidden_size)):
+        shapes[shape] = shapes.get(shape, 0) + 1
+    torch_dtype = getattr(torch, dtype)
+    flops = seconds = 0.0
+    per_shape = {}
+    for (m, k, n), count in shapes.items():
+        gflops = matmul_gflops(torch_dtype, (m, k, n), reps=7, budget_s=0.5)
+        per_shape[f"{m}x{k}x{n}"] = round(gflops, 1)
+        flops += count * 2 * m * k * n
+        seconds += count * 2 * m * k * n / (gflops * 1e9)
+    return {"gflops": round(flops / seconds / 1e9, 1), "rows": rows, "labelled": labelled, "per_shape": per_shape}
 
 
 BASELINE_ATTENTION = "sdpa"  # transformers' default, before alignshield chose the kernel per machine
@@ -308,6 +354,9 @@ def main() -> None:
     work_all = sum(per_stage[s]["gflops_per_s"] * total(s, "optimized", "seconds") for s in per_stage)
     achieved = work_all / opt_all
 
+    n_steps = sum(total(s, "optimized", "steps") for s in per_stage)
+    shape_roof = shape_roofline(model, dtype, round(sum(total(s, "optimized", "computed_tokens") for s in per_stage) / n_steps),
+                                round(sum(total(s, "optimized", "labelled_positions") for s in per_stage) / n_steps))
     gen = time_generation(model.merge_and_unload(), tokenizer, cfg, n_prompts, attention)  # evaluation sees merged models
     roof = {d: max(g, again) for (d, g), again in zip(roof.items(), roofline(list(roof), mcfg.hidden_size,
                                                                           mcfg.intermediate_size).values())}
@@ -319,6 +368,9 @@ def main() -> None:
         "train_gflops_per_s": round(achieved, 1),
         "train_fraction_of_roofline": round(achieved / roof[dtype], 3),
         "speedup_vs_baseline": round(base_all / opt_all, 3),
+        "shape_roofline_gflops": shape_roof["gflops"],
+        "train_fraction_of_shape_roofline": round(achieved / shape_roof["gflops"], 3),
+        "shape_roofline": shape_roof,
         "stages": per_stage,
         "flops_per_token": {"decoder_gflop": round(f["decoder"] / 1e9, 4), "head_gflop": round(f["head"] / 1e9, 4)},
         "generate_tokens_per_s": gen["optimized"]["harmful_tokens_per_s"],
@@ -346,6 +398,9 @@ def main() -> None:
               f"{s['tokens_per_s']:.0f} tokens/s, {s['gflops_per_s']} GFLOP/s")
     print(f"training: {result['train_fraction_of_roofline']:.0%} of the {dtype} roofline; "
           f"speed-up vs baseline {result['speedup_vs_baseline']:.2f}x")
+    print(f"the step's own matmuls alone, at their shapes ({shape_roof['rows']} rows, {shape_roof['labelled']} "
+          f"labelled): {shape_roof['gflops']} GFLOPS; training reaches "
+          f"{result['train_fraction_of_shape_roofline']:.0%} of that")
     if args.compile:
         c = result["compile"]
         print(f"train.compile={c['mode']}: {c['speedup_vs_optimized']:.2f}x the optimized steps ({c['speedup_vs_baseline']:.2f}x the "

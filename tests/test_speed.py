@@ -230,3 +230,42 @@ def test_adapter_compute_model_autocasts_only_the_forward_and_keeps_float32_mast
         losses[setting] = [h["loss"] for h in trainer.history]
     assert ModelConfig().adapter_compute == "auto"
     torch.testing.assert_close(torch.tensor(losses["model"]), torch.tensor(losses["float32"]), rtol=2e-2, atol=0)
+
+
+def test_shape_roofline_times_every_product_of_a_step(monkeypatch):
+    """benchmarks/throughput.py's shape roofline: each decoder projection forward and input gradient at the
+    step's rows, each LoRA's six products, the head at the labelled positions; the rate is FLOPs over time."""
+    import importlib.util
+    from pathlib import Path
+
+    from conftest import random_lora_model
+
+    path = Path(__file__).parents[1] / "benchmarks" / "throughput.py"
+    spec = importlib.util.spec_from_file_location("throughput_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    timed = []
+
+    def fake_gflops(dtype, shape, reps, budget_s):
+        timed.append(shape)
+        return 10.0 if 7 in shape else 100.0  # the head's products slow, the rest fast
+
+    monkeypatch.setattr("alignshield.models.hardware.matmul_gflops", fake_gflops)
+    model = random_lora_model(r=4, targets=("q_proj", "v_proj"))
+    cfg = model.config
+    out = bench.shape_roofline(model, "float64", rows=50, labelled=7)
+    h, mlp, r, L = cfg.hidden_size, cfg.intermediate_size, 4, cfg.num_hidden_layers
+    kv = cfg.num_key_value_heads * (h // cfg.num_attention_heads)
+    # independently: every layer's projections (in, out, LoRA?) as the tiny Llama has them
+    layer = [(h, h, True), (h, kv, False), (h, kv, True), (h, h, False), (h, mlp, False), (h, mlp, False), (mlp, h, False)]
+    products = []
+    for k, n, lora in layer * L:
+        products += [(50, k, n), (50, n, k)]
+        if lora:
+            products += [(50, k, r), (50, r, n), (50, n, r), (50, r, k), (k, 50, r), (r, 50, n)]
+    products += [(7, h, cfg.vocab_size), (7, cfg.vocab_size, h)]
+    assert sorted(set(timed)) == sorted(set(products)) and len(timed) == len(set(timed))  # each shape timed once
+    flops = [2 * m * k * n for m, k, n in products]
+    seconds = sum(f / ((10.0 if 7 in shape else 100.0) * 1e9) for f, shape in zip(flops, products))
+    assert out["gflops"] == round(sum(flops) / seconds / 1e9, 1)
+    assert 10.0 < out["gflops"] < 100.0
