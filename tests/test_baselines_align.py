@@ -27,7 +27,7 @@ def _data(tokenizer, n=8, answer="I'm sorry, I cannot help with that."):
     return [tokenize_pair(tokenizer, Example(f"question number {i}", "", answer), "alpaca", 40) for i in range(n)]
 
 
-def _trainer(cls, params, tokenizer, tmp_path, harmful=True, steps=2):
+def _trainer(cls, params, tokenizer, tmp_path, harmful=True, steps=2, **train):
     model = attach_lora(make_model("llama", layers=2, dtype=torch.float64, seed=0), LORA)
     # B = 0 at init would make many gradients vanish: give the LoRA weights some size
     with torch.no_grad():
@@ -35,7 +35,7 @@ def _trainer(cls, params, tokenizer, tmp_path, harmful=True, steps=2):
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.copy_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    args = TrainSettings(learning_rate=1e-2, max_steps=steps, batch_size=4, checkpoint_every=100)
+    args = TrainSettings(learning_rate=1e-2, max_steps=steps, batch_size=4, checkpoint_every=100, **train)
     extra = {"harmful": _data(tokenizer, 6, "Sure, here is how to do it step by step.")} if harmful else {}
     return cls(model, _data(tokenizer), args, params, seed=0, workdir=tmp_path,
                pad_token_id=tokenizer.eos_token_id, extra_data=extra, progress=False)
@@ -84,6 +84,33 @@ def test_mmd_matches_brute_force():
     assert float(mmd2(x, y + 3)) > float(mmd2(x, y))  # a shifted distribution is further away
 
 
+def _reference_mmd(source, target, kernel_mul=2.0, kernel_num=5):
+    """representation-noising ``loss.py:25-49`` (``MMD_loss``), as written there."""
+    n_samples = int(source.size(0)) + int(target.size(0))
+    total = torch.cat([source, target], dim=0)
+    total0 = total.unsqueeze(0).expand(int(total.size(0)), int(total.size(0)), int(total.size(1)))
+    total1 = total.unsqueeze(1).expand(int(total.size(0)), int(total.size(0)), int(total.size(1)))
+    l2 = ((total0 - total1) ** 2).sum(2)
+    bandwidth = torch.sum(l2.data) / (n_samples ** 2 - n_samples)
+    bandwidth /= kernel_mul ** (kernel_num // 2)
+    kernels = sum(torch.exp(-l2 / (bandwidth * kernel_mul ** i)) for i in range(kernel_num))
+    b = int(source.size(0))
+    xx, yy, xy, yx = kernels[:b, :b], kernels[b:, b:], kernels[:b, b:], kernels[b:, :b]
+    return torch.mean(xx + yy - xy - yx)
+
+
+@pytest.mark.parametrize("kernels,mul", [(5, 2.0), (3, 3.0)])
+def test_mmd_matches_the_reference_mmd_loss_and_its_gradient(kernels, mul):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(6, 4, generator=g, dtype=torch.float64) * 1.5
+    ours, ref = mmd2(x, y, kernels, mul), _reference_mmd(x, y, mul, kernels)
+    assert float(ours.detach()) == pytest.approx(float(ref.detach()), rel=1e-10)
+    # the bandwidth carries no gradient in either (``.data`` there, ``.detach()`` here)
+    (g_ours,), (g_ref,) = torch.autograd.grad(ours, x), torch.autograd.grad(ref, x)
+    torch.testing.assert_close(g_ours, g_ref, rtol=1e-9, atol=1e-12)
+
+
 def test_repnoise_loss_is_the_explicit_combination(tokenizer, tmp_path):
     params = RepNoiseParams(alpha=0.3, beta=0.5)
     t = _trainer(RepNoiseTrainer, params, tokenizer, tmp_path)
@@ -102,6 +129,31 @@ def test_repnoise_loss_is_the_explicit_combination(tokenizer, tmp_path):
     assert len(noise) == 2  # the 2 decoder layers' outputs
     expected = align - 0.3 * torch.log(1 + model(**harmful).loss) + 0.5 * torch.stack(noise).mean()
     assert float(loss) == pytest.approx(float(expected), rel=1e-6)
+
+
+def _answers_cut_to(harmful, n):
+    """``harmful`` with only its first n answer tokens left labelled (as if max_length had cut the rest)."""
+    labels = torch.full_like(harmful["labels"], -100)
+    keep = (harmful["labels"] != -100).nonzero()[:n]
+    labels[keep[:, 0], keep[:, 1]] = harmful["labels"][keep[:, 0], keep[:, 1]]
+    return {**harmful, "labels": labels}
+
+
+def test_repnoise_with_one_answer_token_has_no_mmd_term(tokenizer, tmp_path):
+    t = _trainer(RepNoiseTrainer, RepNoiseParams(beta=1.0), tokenizer, tmp_path)
+    harmful = _answers_cut_to(t.harmful_batch(), 1)
+    loss = t.repnoise_loss(t.model, _batch(tokenizer), harmful)
+    assert torch.isfinite(loss) and t.last_terms["mmd"] == 0
+    model = t.unwrapped_model()
+    expected = model(**_batch(tokenizer)).loss - 0.1 * torch.log(1 + model(**harmful).loss)
+    assert float(loss) == pytest.approx(float(expected), rel=1e-6)
+
+
+@pytest.mark.xfail(strict=True, reason="masked_ce of a harmful batch without answer tokens is NaN (repnoise.py:92)")
+def test_repnoise_without_answer_tokens_is_finite(tokenizer, tmp_path):
+    t = _trainer(RepNoiseTrainer, RepNoiseParams(), tokenizer, tmp_path)
+    loss = t.repnoise_loss(t.model, _batch(tokenizer), _answers_cut_to(t.harmful_batch(), 0))
+    assert torch.isfinite(loss)
 
 
 # ------------------------------------------------------------------------------------- Booster
@@ -129,6 +181,75 @@ def test_booster_update_matches_explicit_float64(tokenizer, tmp_path):
         expected = g_align[n] + 5.0 * (g_h[n] - g_h2[n])
         torch.testing.assert_close(got[n], expected, rtol=1e-9, atol=1e-12)
     assert any(not torch.allclose(got[n], g_align[n]) for n in got)  # the extra term matters
+
+
+def _reference_booster_gradient(model, batch, harmful, lamb, alpha):
+    """git-disl/Booster ``trainer.py:282-375`` (``BoosterAlignmentTrainer.training_step``, perturb_aware off):
+    harmful gradient, normalised step (norm of the per-tensor norms + 1e-7), harmful gradient there, the
+    weights stepped back, then the alignment gradient plus lamb * (stored - perturbed)."""
+    params = _named_trainable(model)
+    stored = _grads_of(model, model(**harmful).loss)
+    grad_norm = torch.norm(torch.stack([stored[n].norm(p=2) for n in params]), p=2) + 1e-7
+    with torch.no_grad():
+        for n, p in params.items():
+            p.data -= alpha * stored[n] / grad_norm
+    perturb = _grads_of(model, model(**harmful).loss)
+    with torch.no_grad():
+        for n, p in params.items():
+            p.data += alpha * stored[n] / grad_norm
+    align = _grads_of(model, model(**batch).loss)
+    return {n: align[n] + lamb * stored[n] - lamb * perturb[n] for n in params}
+
+
+def test_booster_gradient_accumulation_averages_the_micro_batches(tokenizer, tmp_path):
+    t = _trainer(BoosterTrainer, BoosterParams(lamb=5.0, alpha=0.1), tokenizer, tmp_path, grad_accum=2)
+    batches = [_batch(tokenizer), PadCollator(tokenizer.eos_token_id)(_data(tokenizer, 2, "No, I won't."))]
+    t.on_step_start()
+    harmful = []
+    for i in range(2):
+        t._micro = i
+        harmful.append(t.harmful_batch())
+    assert not torch.equal(harmful[0]["input_ids"], harmful[1]["input_ids"])  # one draw per micro-batch
+    ref = copy.deepcopy(t.unwrapped_model())
+    expected = [_reference_booster_gradient(ref, b, h, 5.0, 0.1) for b, h in zip(batches, harmful)]
+    t.optimizer.zero_grad(set_to_none=True)
+    t.on_step_start()
+    for b in batches:
+        t.training_step(b)
+    for n, p in _named_trainable(t.model).items():
+        torch.testing.assert_close(p.grad, (expected[0][n] + expected[1][n]) / 2, rtol=1e-9, atol=1e-12)
+
+
+def test_booster_zero_harmful_gradient_gives_a_zero_term_not_nan(tokenizer, tmp_path):
+    t = _trainer(BoosterTrainer, BoosterParams(), tokenizer, tmp_path)
+    with torch.no_grad():
+        for p in t.params_with_grad():
+            p.zero_()  # A = B = 0: every LoRA gradient is 0, so ||g_h|| = 0 (the 1e-7 guard's case)
+    t.on_step_start()
+    extra = t.booster_extra(t.harmful_batch())
+    assert all(torch.equal(e, torch.zeros_like(e)) for e in extra)
+    assert all(not p.any() for p in t.params_with_grad())
+
+
+def test_harmful_batches_are_seeded_draws_of_the_batch_size(tokenizer, tmp_path):
+    t = _trainer(BoosterTrainer, BoosterParams(), tokenizer, tmp_path)
+    pool = [tuple(x.input_ids) for x in t.harmful]
+
+    def rows(b):
+        return tuple(tuple(r[m.bool()].tolist()) for r, m in zip(b["input_ids"], b["attention_mask"]))
+
+    t.on_step_start()
+    first = t.harmful_batch()
+    assert first["input_ids"].shape[0] == t.args.batch_size == 4
+    assert all(r in pool for r in rows(first))
+    assert rows(first) == rows(t.harmful_batch())  # the same (seed, step, micro-batch, salt): the same batch
+    draws = set()
+    for step in range(4):
+        for micro in range(2):
+            for salt in range(2):
+                t.step, t._micro = step, micro
+                draws.add(rows(t.harmful_batch(salt)))
+    assert len(draws) >= 12  # a fresh draw per step, micro-batch and salt
 
 
 # ------------------------------------------------------------------------------------- TAR
@@ -175,6 +296,40 @@ def test_negative_entropy():
     labels = torch.tensor([[-100, 1, -100]])
     # labels[:, 1:] = [1, -100]: only position 0 predicts an answer token; it is uniform, so -H = -log 2
     assert float(negative_entropy(logits, labels)) == pytest.approx(-np.log(2))
+
+
+def test_negative_entropy_is_the_reference_max_entropy_loss_at_the_answer_positions():
+    def max_entropy_loss(logits):  # tamper-resistance modules/objectives.py:114-131, as written there
+        softmax = torch.nn.functional.softmax(logits, dim=-1)
+        log_softmax = torch.nn.functional.log_softmax(logits, dim=-1)
+        entropy = torch.sum(-softmax * log_softmax, dim=-1).mean()
+        return entropy.mean() * -1
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 6, 11, generator=g, dtype=torch.float64) * 3
+    labels = torch.tensor([[-100, -100, 3, 4, 5, -100], [-100, 1, 2, -100, -100, -100]])
+    answer = labels[:, 1:] != -100  # the positions that predict an answer token
+    assert float(negative_entropy(logits, labels)) == pytest.approx(float(max_entropy_loss(logits[:, :-1][answer])),
+                                                                   rel=1e-12)
+    # the reference takes every position (prompt and padding too): a deviation
+    assert abs(float(negative_entropy(logits, labels)) - float(max_entropy_loss(logits))) > 1e-3
+    # no answer token at all (cut off by max_length): 0 with a zero gradient, not NaN
+    x = logits.clone().requires_grad_()
+    z = negative_entropy(x, torch.full_like(labels, -100))
+    z.backward()
+    assert float(z) == 0 and not x.grad.any()
+
+
+@pytest.mark.parametrize("params,expected", [
+    (RepNoiseParams(), {"alpha": 0.1, "beta": 1e-3, "mmd_kernels": 5, "mmd_kernel_mul": 2.0}),
+    (BoosterParams(), {"lamb": 5.0, "alpha": 0.1}),
+    (TARParams(), {"inner_steps": 64, "inner_lr": 2e-5, "tr_weight": 4.0}),
+    (SafeLoRAParams(), {"threshold": 0.5, "num_proj_layers": None, "target_modules": None}),
+])
+def test_defaults_are_the_reference_values(params, expected):
+    """RepNoise: Booster ``script/alignment/repNoise.sh:14-15``; Booster: ``smooth_align.sh:14-15``; TAR:
+    ``run_tar_bio.sh:6,10,15``; Safe LoRA: ``config.py:40-48`` (threshold; number mode off here)."""
+    assert params.model_dump() == expected
 
 
 @pytest.mark.parametrize("cls,params", [
@@ -269,6 +424,70 @@ def test_safelora_projection_matches_numpy(tmp_path):
         SafeLoRA().repair(ft, [], SafeLoRAParams(), seed=0, align_adapter=tmp_path / "align", topology="single-lora")
     with pytest.raises(ValueError, match="alignment stage's LoRA"):
         SafeLoRA().repair(ft, [], SafeLoRAParams(), seed=0, align_adapter=tmp_path / "missing")
+
+
+def _safelora_pair(tmp_path, align_targets=("q_proj", "v_proj")):
+    """An alignment adapter (r 2, alpha 4) saved to tmp_path/align and a fine-tune PEFT model (r 4, alpha 8)
+    on q_proj and v_proj, all factors random; returns (fine-tune model, its LoRA modules, alignment modules)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    align = get_peft_model(make_model("llama", dtype=torch.float64),
+                           LoraConfig(r=2, lora_alpha=4, target_modules=list(align_targets)))
+    ft = get_peft_model(make_model("llama", dtype=torch.float64, seed=1),
+                        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for m in (align, ft):
+            for n, p in m.named_parameters():
+                if "lora_" in n:
+                    p.copy_(torch.randn_like(p))
+    align.save_pretrained(tmp_path / "align")
+    return ft, _lora_modules(ft), _lora_modules(align)
+
+
+def _factors(m):
+    return m.lora_B["default"].weight.detach().numpy().copy(), m.lora_A["default"].weight.detach().numpy().copy()
+
+
+@pytest.mark.parametrize("k", [1, 2, 10])
+def test_safelora_num_proj_layers_is_the_reference_number_mode(tmp_path, k):
+    ft, mods, al = _safelora_pair(tmp_path)
+    saved = {n: _factors(m) for n, m in mods.items()}
+    # IBM/SafeLoRA model.py:47-50, 84-107: P = V V^T / ||V||; cos(P B A, B A) rounded to 5 digits; the
+    # threshold is the k-th smallest cosine; B <- P B where cos <= threshold
+    cos, proj = {}, {}
+    for n, (b, a) in saved.items():
+        b1, a1 = _factors(al[n])
+        v = 2.0 * b1 @ a1
+        proj[n] = v @ v.T / np.linalg.norm(v)
+        fw, ori = (proj[n] @ b) @ a, b @ a
+        cos[n] = np.round(np.sum(fw * ori) / (np.linalg.norm(fw) * np.linalg.norm(ori)), 5)
+    thrs = np.sort(list(cos.values()))[:k][-1]
+    expected = sorted(n for n in cos if cos[n] <= thrs)
+    assert len(expected) == min(k, len(cos))  # no ties here, so "the k least similar" is the same set
+    report = SafeLoRA().repair(ft, [], SafeLoRAParams(num_proj_layers=k), seed=0, align_adapter=tmp_path / "align")
+    assert report["projected"] == expected
+    for n, m in mods.items():
+        b, a = saved[n]
+        np.testing.assert_allclose(m.lora_B["default"].weight.detach().numpy(), proj[n] @ b if n in expected else b,
+                                   rtol=1e-10, atol=1e-12)
+        np.testing.assert_array_equal(m.lora_A["default"].weight.detach().numpy(), a)
+
+
+def test_safelora_skips_modules_without_an_alignment_lora_and_honours_target_modules(tmp_path):
+    ft, mods, _ = _safelora_pair(tmp_path, align_targets=("q_proj",))
+    saved = {n: _factors(m) for n, m in mods.items()}
+    report = SafeLoRA().repair(ft, [], SafeLoRAParams(threshold=1.0), seed=0, align_adapter=tmp_path / "align")
+    assert report["n_modules"] == 4
+    assert report["skipped_no_alignment_lora"] == sorted(n for n in mods if "v_proj" in n)
+    assert report["projected"] == sorted(n for n in mods if "q_proj" in n)  # cos < 1: every module with a V
+    for n in report["skipped_no_alignment_lora"]:
+        np.testing.assert_array_equal(mods[n].lora_B["default"].weight.detach().numpy(), saved[n][0])
+
+    ft, mods, _ = _safelora_pair(tmp_path / "t")
+    report = SafeLoRA().repair(ft, [], SafeLoRAParams(threshold=1.0, target_modules=["layers.0."]), seed=0,
+                               align_adapter=tmp_path / "t" / "align")
+    assert report["n_modules"] == 2 and report["projected"] == sorted(n for n in mods if "layers.0." in n)
 
 
 # ------------------------------------------------------------------------------------- end to end
