@@ -149,7 +149,6 @@ def test_repnoise_with_one_answer_token_has_no_mmd_term(tokenizer, tmp_path):
     assert float(loss) == pytest.approx(float(expected), rel=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason="masked_ce of a harmful batch without answer tokens is NaN (repnoise.py:92)")
 def test_repnoise_without_answer_tokens_is_finite(tokenizer, tmp_path):
     t = _trainer(RepNoiseTrainer, RepNoiseParams(), tokenizer, tmp_path)
     loss = t.repnoise_loss(t.model, _batch(tokenizer), _answers_cut_to(t.harmful_batch(), 0))

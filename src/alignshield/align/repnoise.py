@@ -89,8 +89,9 @@ class RepNoiseTrainer(HarmfulBatches):
         align_loss = self.compute_loss(model, batch)
         out = model(input_ids=harmful["input_ids"], attention_mask=harmful["attention_mask"],
                     output_hidden_states=True)
-        harm_ce = masked_ce(out.logits, harmful["labels"])
         answer = harmful["labels"] != IGNORE_INDEX
+        # a batch whose answers max_length cut off entirely has no CE (masked_ce would be NaN): 0, as causal_lm_loss
+        harm_ce = masked_ce(out.logits, harmful["labels"]) if bool(answer[:, 1:].any()) else out.logits.sum() * 0
         if int(answer.sum()) < 2:  # answers cut off by max_length: no sample to compare (MMD would be NaN)
             noise = out.logits.sum() * 0
         else:

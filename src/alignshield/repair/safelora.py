@@ -115,7 +115,7 @@ class SafeLoRA:
         if params.num_proj_layers is not None:
             chosen = set(sorted(sims, key=sims.get)[: params.num_proj_layers])
         else:
-            chosen = {n for n, s in sims.items() if s < params.threshold}
+            chosen = {n for n, s in sims.items() if s <= params.threshold}  # the reference: cos <= threshold
         with torch.no_grad():
             for t in targets:
                 if t.name in chosen:
