@@ -34,10 +34,15 @@ ROWS = {
 }
 METHODS = list(ROWS)
 # registered align / finetune methods, each with its default params (``--methods baselines``: sft + these)
-BASELINES = ["repnoise", "booster", "tar", "lox", "ewc", "kl", "vlguard", "lisa", "ldifs", "surgery"]
+BASELINES = ["repnoise", "booster", "tar", "lox", "ewc", "kl", "vlguard", "lisa", "ldifs", "surgery", "asft"]
 # params a baseline needs on the benchmark's one fresh LoRA: EWC refuses a zero-initialised LoRA (its
 # lora_A Fisher is 0, finetune/ewc.py); the penalty's cost per step is the same, so time it anyway
 BASELINE_PARAMS = {"ewc": {"allow_fresh_lora": True}}
+# a fine-tune method that reads the alignment LoRA (#1) (``uses_alignment``: asft) gets what the fine-tune
+# stage gives it: LoRA #1 trained by sft on the alignment examples for this many steps (``--align-steps``),
+# saved, merged into the base, and a fresh LoRA #2 on top. Its cost per step depends on the shapes and on
+# which modules LoRA #1 moved (every one after a step), not on how long LoRA #1 trained.
+ALIGN_STEPS = 2
 
 MODELS = ["embedded", "deep"]
 DEEP = {"layers": 24, "hidden": 256, "heads": 4, "intermediate": 1024, "vocab": 2048, "seq": 256, "batch": 8}

