@@ -16,7 +16,8 @@ from alignshield.config import ConfigError, LoraSettings, TrainSettings, load_co
 from alignshield.data import Example
 from alignshield.data.collate import PadCollator, tokenize_pair
 from alignshield.models.lora import attach_lora
-from alignshield.repair.safelora import SafeLoRA, SafeLoRAParams, alignment_matrix
+from alignshield.repair.safelora import (SafeLoRA, SafeLoRAParams, alignment_matrix, factor_projection,
+                                        factor_similarity, projection_similarity)
 from alignshield.train import Trainer
 from conftest import interrupted_and_resumed, make_model, tiny_run_config
 
@@ -411,7 +412,7 @@ def test_safelora_projection_matches_numpy(tmp_path):
         np.testing.assert_allclose(alignment_matrix(torch.from_numpy(v)).numpy(), c, rtol=1e-12)
     threshold = float(np.median(list(sims.values())))
     report = SafeLoRA().repair(ft, [], SafeLoRAParams(threshold=threshold), seed=0, align_adapter=tmp_path / "align")
-    expected = sorted(n for n, s in sims.items() if s < threshold)
+    expected = sorted(n for n, s in sims.items() if s <= threshold)
     assert report["projected"] == expected and 0 < len(expected) < len(sims)
     for n, m in mods.items():
         b, a = saved[n]
@@ -513,3 +514,17 @@ def test_end_to_end(make_cfg, method, extra):
     if method == "booster":
         report = json.loads((dirs["repair"] / "stage.json").read_text())["report"]
         assert report["n_projected"] == report["n_modules"] == 4  # threshold 1: every module is projected
+
+
+@pytest.mark.parametrize("out_dim, in_dim, r1, r", [(48, 20, 8, 8), (20, 48, 4, 16), (30, 30, 1, 3)])
+def test_factor_similarity_and_projection_equal_the_dense_formulas(out_dim, in_dim, r1, r):
+    """Safe LoRA's cosine and C @ B from the LoRA factors equal the dense C = V V^T / ||V||_F ones."""
+    g = torch.Generator().manual_seed(out_dim + r)
+    p, q = torch.randn(out_dim, r1, generator=g, dtype=torch.float64), torch.randn(r1, in_dim, generator=g, dtype=torch.float64)
+    b, a = torch.randn(out_dim, r, generator=g, dtype=torch.float64), torch.randn(r, in_dim, generator=g, dtype=torch.float64)
+    c = alignment_matrix(p @ q)
+    assert factor_similarity(p, q, b, a) == pytest.approx(projection_similarity(c, b, a), rel=1e-10, abs=1e-12)
+    torch.testing.assert_close(factor_projection(p, q, b), c @ b, rtol=1e-10, atol=1e-12)
+    b_in = p @ torch.randn(r1, r, generator=g, dtype=torch.float64)  # an update inside V's column space
+    assert factor_similarity(p, q, b_in, a) == pytest.approx(projection_similarity(c, b_in, a), rel=1e-10)
+    assert factor_similarity(p, q, torch.zeros_like(b), a) == 0.0

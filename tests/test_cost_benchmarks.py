@@ -81,7 +81,7 @@ def test_repair_cost_times_safemerge_on_both_adapters(bench, tmp_path):
 
     rp = repair_cost.worker_repair_safemerge(cfg)
     assert 0 < rp["cosine_test_seconds"] <= rp["repair_seconds"]
-    assert safemerge.projection_similarity is safelora.projection_similarity  # the timing wrapper is undone
+    assert safemerge.factor_similarity is safelora.factor_similarity  # the timing wrapper is undone
     assert rp["n_modules"] == rp["n_tested"] == 12 and rp["n_kept_no_safety"] == 0  # 4 layers x q, k, v
     low, high = rp["cos_range"]
     assert rp["n_merged"] == 0 if low >= 0.35 else rp["n_merged"] >= 1

@@ -7,8 +7,11 @@ alignment LoRA #1), with its update dW = s * B @ A:
     C = V V^T / ||V||_F                            (the paper's "projection"; out x out)
     sim = cos(vec(C dW), vec(dW))
 
-Modules with sim < ``threshold`` (or, with ``num_proj_layers`` set, the that-many least similar ones)
-get B <- C @ B, so the stored update is exactly C dW = s (C B) A at the same rank. Modules whose
+Modules with sim <= ``threshold`` (or, with ``num_proj_layers`` set, the that-many least similar ones)
+get B <- C @ B, so the stored update is exactly C dW = s (C B) A at the same rank. Both the cosine and
+C @ B are computed from the factors (``factor_similarity``, ``factor_projection``: rank x rank
+products), equal to the dense formulas to float64 rounding; C itself (out x out: 11008^2 for a Llama-7B
+MLP projection) is never formed. Modules whose
 alignment LoRA is absent (V undefined) are left as they are and reported.
 
 Deviation: the paper's V is the difference between an aligned chat model and its base (full
@@ -53,6 +56,31 @@ def projection_similarity(c: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> 
     return float(torch.nn.functional.cosine_similarity((c @ dw).flatten(), dw.flatten(), dim=0))
 
 
+def factor_similarity(p: torch.Tensor, q: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> float:
+    """``projection_similarity(alignment_matrix(p @ q), b, a)`` from the LoRA factors, never forming an
+    out x out matrix: with V = P Q, G = Q Q^T, H = P^T B and M = G H (C B = P M / ||V||_F, a positive
+    scale the cosine ignores), <C dW, dW> ∝ tr(M^T H AA^T), ||C dW||^2 ∝ tr(M^T P^T P M AA^T) and
+    ||dW||^2 = tr(B^T B AA^T): rank x rank products only. 0.0 where either update is zero."""
+    p, q, b, a = p.double(), q.double(), b.double(), a.double()
+    h, aat = p.T @ b, a @ a.T
+    m = (q @ q.T) @ h
+    inner = torch.trace(m.T @ h @ aat)
+    norms = torch.trace(m.T @ (p.T @ p) @ m @ aat) * torch.trace(b.T @ b @ aat)
+    return float(inner / norms.sqrt()) if norms > 0 else 0.0
+
+
+def factor_norm2(p: torch.Tensor, q: torch.Tensor) -> float:
+    """||P Q||_F^2 = tr(P^T P Q Q^T), without forming P Q."""
+    p, q = p.double(), q.double()
+    return float(torch.trace((p.T @ p) @ (q @ q.T)))
+
+
+def factor_projection(p: torch.Tensor, q: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``alignment_matrix(p @ q) @ b`` (float64) from the factors: P (Q Q^T) (P^T B) / ||P Q||_F."""
+    p, q, b = p.double(), q.double(), b.double()
+    return p @ ((q @ q.T) @ (p.T @ b)) / max(factor_norm2(p, q), 0.0) ** 0.5
+
+
 def alignment_lora(adapter: Path) -> tuple[float, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """(s1, {module name inside the transformers model: (B1, A1)}) of a saved PEFT LoRA adapter, the
     factors in float64: the module's alignment delta V is s1 * B1 @ A1."""
@@ -76,11 +104,6 @@ def alignment_factors(adapter: Path) -> dict[str, tuple[torch.Tensor, torch.Tens
     return {name: (scale * b, a) for name, (b, a) in factors.items()}
 
 
-def alignment_deltas(adapter: Path) -> dict[str, torch.Tensor]:
-    """{module name inside the transformers model: s1 * B1 @ A1} of a saved PEFT LoRA adapter."""
-    return {name: b @ a for name, (b, a) in alignment_factors(adapter).items()}
-
-
 def require_alignment_lora(method: str, align_adapter: Path | None, topology: str) -> Path:
     """LoRA #1's folder for a repair that reads it beside the fine-tune LoRA (#2); a ValueError naming
     what is missing when the topology is not two-lora or the alignment trained no LoRA."""
@@ -102,16 +125,16 @@ class SafeLoRA:
 
     def repair(self, model, calibration, params: SafeLoRAParams, *, seed: int, pad_token_id: int | None = None,
                align_adapter: Path | None = None, topology: str = "two-lora") -> dict[str, Any]:
-        deltas = alignment_deltas(require_alignment_lora("safelora", align_adapter, topology))
+        factors = alignment_factors(require_alignment_lora("safelora", align_adapter, topology))
         targets, _ = find_targets(model, params.target_modules or [""])
         sims, skipped = {}, []
         for t in targets:
-            v = deltas.get(t.name)
+            p, q = factors.get(t.name, (None, None))  # V = P Q, LoRA #1's delta of this module
             b, a = t.factor("lora_B").weight, t.factor("lora_A").weight
-            if v is None or v.shape != (b.shape[0], a.shape[1]) or not torch.linalg.norm(v) > 0:
+            if p is None or (p.shape[0], q.shape[1]) != (b.shape[0], a.shape[1]) or not factor_norm2(p, q) > 0:
                 skipped.append(t.name)
                 continue
-            sims[t.name] = projection_similarity(alignment_matrix(v), b, a)
+            sims[t.name] = factor_similarity(p, q, b, a)
         if params.num_proj_layers is not None:
             chosen = set(sorted(sims, key=sims.get)[: params.num_proj_layers])
         else:
@@ -120,6 +143,7 @@ class SafeLoRA:
             for t in targets:
                 if t.name in chosen:
                     b = t.factor("lora_B").weight
-                    b.copy_((alignment_matrix(deltas[t.name]).to(b.device) @ b.double()).to(b.dtype))
+                    p, q = (f.to(b.device) for f in factors[t.name])
+                    b.copy_(factor_projection(p, q, b).to(b.dtype))
         return {"projected": sorted(chosen), "n_projected": len(chosen), "n_modules": len(targets),
                 "skipped_no_alignment_lora": skipped, "similarity": {n: round(s, 6) for n, s in sims.items()}}

@@ -41,8 +41,7 @@ from pydantic import Field, field_validator
 from alignshield.config import MethodParams
 from alignshield.repair import REPAIR_METHODS
 from alignshield.repair.prune import find_targets
-from alignshield.repair.safelora import (alignment_lora, alignment_matrix, projection_similarity,
-                                        require_alignment_lora)
+from alignshield.repair.safelora import alignment_lora, factor_norm2, factor_similarity, require_alignment_lora
 
 
 class SafeMERGEParams(MethodParams):
@@ -93,11 +92,10 @@ class SafeMERGE:
                     raise ValueError(f"{t.name}: safemerge's linear merge needs the two LoRAs at one rank and shape "
                                      f"(fine-tune r={b_w.shape[1]}, alignment r={b1.shape[1]}): set finetune.lora.r "
                                      "equal to align.lora.r")
-                v = scale1 * b1 @ a1
-                if not torch.linalg.norm(v) > 0:
+                if not factor_norm2(scale1 * b1, a1) > 0:  # V = s1 B1 A1 is zero
                     kept_no_safety.append(t.name)
                     continue
-                sims[t.name] = projection_similarity(alignment_matrix(v), b_w, a_w)
+                sims[t.name] = factor_similarity(scale1 * b1, a1, b_w, a_w)
                 if sims[t.name] >= params.threshold:
                     continue
                 new_b, new_a = linear_merge(b_w.double(), a_w.double(), t.scaling, b1, a1, scale1, params.weights)
