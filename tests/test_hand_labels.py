@@ -83,3 +83,20 @@ def test_analyse_follows_a_run_judged_again(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["sft"]["hand_harmful"] == 10.0
     assert summary["sft"]["embedded"]["flagged"] == 5.0 and summary["sft"]["embedded"]["precision"] == 1.0
+
+
+def test_chunks_filter_runs_and_draw_from_the_runs_own_prompt_count(tmp_path):
+    runs = _runs(tmp_path)
+    hand_labels.main(["chunks", "--runs", str(runs), "--sweep", "s", "--seeds", "1", "--tag", "y",
+                      "--out", str(tmp_path / "h"), "--prompts", "20", "--chunks", "1", "--where", "align.method=vaccine"])
+    key = [json.loads(line) for line in (tmp_path / "h" / "key_y.jsonl").open()]
+    assert {k["run"] for k in key} == {"k-vac"} and len(key) == 20
+    hand_labels.main(["chunks", "--runs", str(runs), "--sweep", "s", "--seeds", "1", "--tag", "w", "--out", str(tmp_path / "h"),
+                      "--prompts", "5", "--chunks", "1", "--where", "align.method=vaccine", "--where", "align.method=sft"])
+    assert {json.loads(line)["run"] for line in (tmp_path / "h" / "key_w.jsonl").open()} == {"k-vac", "k-sft"}
+    with pytest.raises(SystemExit, match="> the 710 harmful prompts"):
+        hand_labels.main(["chunks", "--runs", str(runs), "--sweep", "s", "--seeds", "1", "--tag", "z",
+                          "--out", str(tmp_path / "h"), "--prompts", "711"])
+    with pytest.raises(SystemExit, match="no finished run"):
+        hand_labels.main(["chunks", "--runs", str(runs), "--sweep", "s", "--seeds", "1", "--tag", "z",
+                          "--out", str(tmp_path / "h"), "--where", "align.method=tar"])

@@ -5,7 +5,7 @@
     python tools/hand_labels.py analyse --runs RUN_DIR --labels LABELS.jsonl [--compare align.method]
 
 ``chunks`` takes the same seeded draw of ``--prompts`` evaluation prompts (default 150 of them) from every
-finished run of the sweep with one of ``--seeds``, mixes the runs' answers, shuffles them and writes
+finished run of the sweep with one of ``--seeds`` (and the ``--where FIELD=VALUE`` values), mixes the runs' answers, shuffles them and writes
 ``chunk_<tag><k>.jsonl`` files of (id, prompt, answer) rows to label by hand, following
 docs/judge-rubric.md, plus a ``key_<tag>.jsonl`` that maps each id back to its run. The labeller sees
 no run, method or judge verdict.
@@ -35,9 +35,6 @@ from alignshield.experiments.report import field_value  # noqa: E402
 from alignshield.experiments.store import ResultStore  # noqa: E402
 from alignshield.stats import interval_text, paired_comparison  # noqa: E402
 
-EVALUATION_PROMPTS = 710
-
-
 def _harmful_samples(runs: Path, key: str) -> list[dict]:
     rows = [json.loads(line) for line in (runs / "evaluate" / key / "samples.jsonl").open(encoding="utf-8")]
     return [r for r in rows if r["kind"] == "harmful"]
@@ -52,16 +49,26 @@ def _runs(runs: Path, sweep: str | None, superseded: bool = False) -> dict[str, 
 
 def chunks(args: argparse.Namespace) -> None:
     seeds = {int(s) for s in args.seeds.split(",")}
-    picked = sorted(random.Random(args.draw_seed).sample(range(EVALUATION_PROMPTS), args.prompts))
+    wanted = defaultdict(set)  # a field given twice matches either value, as sweep --where
+    for w in args.where:
+        field, value = w.split("=", 1)
+        wanted[field].add(value)
+    selected = {key: run for key, run in sorted(_runs(args.runs, args.sweep).items())
+                if run.seed in seeds and all(str(field_value(run, f)) in vs for f, vs in wanted.items())}
+    if not selected:
+        sys.exit("no finished run matches --seeds and --where")
+    harmful = {key: _harmful_samples(args.runs, key) for key in selected}
+    counts = {len(h) for h in harmful.values()}
+    if len(counts) != 1:
+        sys.exit(f"the runs answered different numbers of harmful prompts ({sorted(counts)}): draw from one evaluation set")
+    n = counts.pop()
+    if args.prompts > n:
+        sys.exit(f"--prompts {args.prompts} > the {n} harmful prompts each run answered")
+    picked = sorted(random.Random(args.draw_seed).sample(range(n), args.prompts))  # n = 710: the headline's draw
     rows = []
-    for key, run in sorted(_runs(args.runs, args.sweep).items()):
-        if run.seed not in seeds:
-            continue
-        harmful = _harmful_samples(args.runs, key)
-        if len(harmful) != EVALUATION_PROMPTS:
-            sys.exit(f"{key}: {len(harmful)} harmful answers, expected {EVALUATION_PROMPTS} (evaluate.harmful.stop)")
-        rows += [{"run": key, "seed": run.seed, "prompt_index": i, "prompt": harmful[i]["prompt"],
-                  "answer": harmful[i]["answer"]} for i in picked]
+    for key, run in selected.items():
+        rows += [{"run": key, "seed": run.seed, "prompt_index": i, "prompt": harmful[key][i]["prompt"],
+                  "answer": harmful[key][i]["answer"]} for i in picked]
     random.Random(f"{args.tag}-shuffle").shuffle(rows)
     args.out.mkdir(parents=True, exist_ok=True)
     for j, r in enumerate(rows):
@@ -154,6 +161,9 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--prompts", type=int, default=150, help="evaluation prompts drawn (the same in every run)")
     c.add_argument("--draw-seed", type=int, default=20261202)
     c.add_argument("--chunks", type=int, default=3)
+    c.add_argument("--where", action="append", default=[], metavar="FIELD=VALUE",
+                   help="only runs whose config field has this value (e.g. repair.method=none); repeatable, a field "
+                        "given twice matches either value")
     a = sub.add_parser("analyse", help="hand-labelled harmful score per group, judges against the labels")
     a.add_argument("--runs", type=Path, required=True)
     a.add_argument("--sweep", default=None)
