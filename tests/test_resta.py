@@ -142,7 +142,8 @@ def test_modules_without_the_other_lora_are_reported(tmp_path):
     assert report["no_alignment_lora"] == report["untouched"] == sorted(v_names)
     assert report["alignment_without_finetune_lora"] == sorted(n for n in _safety(align) if "k_proj" in n)
     for n in v_names:  # V = 0 there: unchanged, at rank 4
-        np.testing.assert_array_equal(_effective(ft)[n], before[n][0] + before[n][1])
+        # W + s B A recomputed: the same factors, but the matmul kernel may round differently (seen at 1e-15 on Zen 5)
+        np.testing.assert_allclose(_effective(ft)[n], before[n][0] + before[n][1], rtol=0, atol=1e-12)
         assert _modules(ft)[n].r["default"] == 4
 
 
