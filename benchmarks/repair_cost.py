@@ -25,8 +25,8 @@ says so and falls back to ``--tiny``. Each phase runs in its own subprocess, one
   RESTA and SafeMERGE read the alignment LoRA #1 too: an alignment-shaped LoRA (``align.lora``, random B)
   saved to a temporary folder, passed as the stage passes it (``align_adapter``, ``topology=two-lora``).
   With two random adapters every module of the embedded model has a cosine below SafeMERGE's threshold
-  (0.05-0.24), so every module is merged: its largest cost; the cosine test (a dense out x out C and
-  C dW in float64), which dominates, runs on every module whatever the adapters.
+  (0.05-0.24), so every module is merged: its largest cost; the cosine test (from the LoRA factors,
+  rank x rank products) runs on every module whatever the adapters.
 
 Peak memory is the process RSS sampled every 10 ms during the timed phase (torch allocations are
 invisible to tracemalloc), and its increase over the RSS just before the phase. Threads default to 1

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from alignshield.evaluate.agreement import cohen_kappa  # noqa: E402
-from alignshield.experiments.report import field_value  # noqa: E402
+from alignshield.experiments.report import field_value, select  # noqa: E402
 from alignshield.experiments.store import ResultStore  # noqa: E402
 from alignshield.stats import interval_text, paired_comparison  # noqa: E402
 
@@ -49,12 +49,8 @@ def _runs(runs: Path, sweep: str | None, superseded: bool = False) -> dict[str, 
 
 def chunks(args: argparse.Namespace) -> None:
     seeds = {int(s) for s in args.seeds.split(",")}
-    wanted = defaultdict(set)  # a field given twice matches either value, as sweep --where
-    for w in args.where:
-        field, value = w.split("=", 1)
-        wanted[field].add(value)
-    selected = {key: run for key, run in sorted(_runs(args.runs, args.sweep).items())
-                if run.seed in seeds and all(str(field_value(run, f)) in vs for f, vs in wanted.items())}
+    runs = select(list(_runs(args.runs, args.sweep).values()), args.where)  # as `alignshield results --where`
+    selected = {run.run_key: run for run in sorted(runs, key=lambda r: r.run_key) if run.seed in seeds}
     if not selected:
         sys.exit("no finished run matches --seeds and --where")
     harmful = {key: _harmful_samples(args.runs, key) for key in selected}

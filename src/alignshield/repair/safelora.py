@@ -45,13 +45,14 @@ class SafeLoRAParams(MethodParams):
 
 
 def alignment_matrix(v: torch.Tensor) -> torch.Tensor:
-    """C = V V^T / ||V||_F, in float64."""
+    """C = V V^T / ||V||_F, in float64: the dense formula as the paper writes it. The repairs use the factor
+    forms below (``factor_projection``), tested equal to it."""
     v = v.double()
     return v @ v.T / torch.linalg.norm(v)
 
 
 def projection_similarity(c: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> float:
-    """cos(vec(C B A), vec(B A)) (the LoRA scale cancels)."""
+    """cos(vec(C B A), vec(B A)) (the LoRA scale cancels), dense; the repairs use ``factor_similarity``."""
     dw = b.double() @ a.double()
     return float(torch.nn.functional.cosine_similarity((c @ dw).flatten(), dw.flatten(), dim=0))
 

@@ -92,10 +92,11 @@ class SafeMERGE:
                     raise ValueError(f"{t.name}: safemerge's linear merge needs the two LoRAs at one rank and shape "
                                      f"(fine-tune r={b_w.shape[1]}, alignment r={b1.shape[1]}): set finetune.lora.r "
                                      "equal to align.lora.r")
-                if not factor_norm2(scale1 * b1, a1) > 0:  # V = s1 B1 A1 is zero
+                p1 = scale1 * b1  # V = p1 @ a1
+                if not factor_norm2(p1, a1) > 0:
                     kept_no_safety.append(t.name)
                     continue
-                sims[t.name] = factor_similarity(scale1 * b1, a1, b_w, a_w)
+                sims[t.name] = factor_similarity(p1, a1, b_w, a_w)
                 if sims[t.name] >= params.threshold:
                     continue
                 new_b, new_a = linear_merge(b_w.double(), a_w.double(), t.scaling, b1, a1, scale1, params.weights)
